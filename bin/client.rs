@@ -1,0 +1,26 @@
+//! `client`: holds WebSocket connections to the server. See `client --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use log::error;
+use websocket_test::{client, shutdown, ClientConfig};
+
+fn main() -> ExitCode {
+    let config = ClientConfig::parse();
+    init_logger(config.log_level);
+    let (trigger, shutdown) = shutdown::channel();
+    if let Err(error) = on_signal(trigger) {
+        error!("cannot install the signal handler: {error}");
+        return ExitCode::FAILURE;
+    }
+    match client::run(config, shutdown) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            error!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+include!("common.rs");

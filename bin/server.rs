@@ -1,0 +1,27 @@
+//! `server`: the WebSocket echo server. See `server --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use log::error;
+use websocket_test::{shutdown, Server, ServerConfig};
+
+fn main() -> ExitCode {
+    let config = ServerConfig::parse();
+    init_logger(config.log_level);
+    let (trigger, shutdown) = shutdown::channel();
+    if let Err(error) = on_signal(trigger) {
+        error!("cannot install the signal handler: {error}");
+        return ExitCode::FAILURE;
+    }
+    let result = Server::bind(config).and_then(|server| server.run(shutdown));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            error!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+include!("common.rs");

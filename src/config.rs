@@ -1,0 +1,264 @@
+//! Command-line and environment configuration of the server and the client.
+//!
+//! Every flag has an environment-variable twin (`WEBSOCKET_TEST_*`); a flag wins over its
+//! variable. Durations are written `200ms`, `15s`, `5m` or `1h` (a bare number means seconds);
+//! sizes are bytes, optionally with a `KiB`/`MiB`/`GiB` (or `K`/`M`/`G`) suffix.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use log::LevelFilter;
+
+/// Port the server accepts WebSocket upgrades on.
+pub const DEFAULT_PORT: u16 = 3003;
+/// Port the server serves Prometheus metrics on.
+pub const DEFAULT_METRICS_PORT: u16 = 9100;
+/// Path that accepts WebSocket upgrades.
+pub const DEFAULT_PATH: &str = "/ws";
+/// Largest message (and frame) the server accepts; Autobahn's 9.* cases send 16 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// Configuration of the `server` binary.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "server",
+    version,
+    about = "WebSocket echo server with Prometheus metrics",
+    long_about = "WebSocket echo server with Prometheus metrics.\n\n\
+                  Accepts WebSocket upgrades on ws://HOST:PORT/ws and echoes every message; \
+                  serves /metrics on the metrics port. Durations take ms, s, m or h suffixes."
+)]
+pub struct ServerConfig {
+    /// Address to listen on (IPv4 or IPv6, e.g. 0.0.0.0 or ::)
+    #[arg(long, env = "WEBSOCKET_TEST_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// WebSocket port (0 picks a free port)
+    #[arg(long, env = "WEBSOCKET_TEST_PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+
+    /// Path that accepts WebSocket upgrades
+    #[arg(long, env = "WEBSOCKET_TEST_PATH", default_value = DEFAULT_PATH, value_parser = parse_path)]
+    pub path: String,
+
+    /// Prometheus metrics port, served on the same address (0 picks a free port)
+    #[arg(long, env = "WEBSOCKET_TEST_METRICS_PORT", default_value_t = DEFAULT_METRICS_PORT)]
+    pub metrics_port: u16,
+
+    /// How often to log "Active connections: N"
+    #[arg(long, env = "WEBSOCKET_TEST_LOG_INTERVAL", default_value = "30s", value_parser = parse_interval)]
+    pub log_interval: Duration,
+
+    /// How long shutdown waits for clients to answer the Close frame
+    #[arg(long, env = "WEBSOCKET_TEST_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_interval)]
+    pub shutdown_timeout: Duration,
+
+    /// Time a client has to send its complete upgrade request
+    #[arg(long, env = "WEBSOCKET_TEST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
+    pub handshake_timeout: Duration,
+
+    /// A write that makes no progress for this long closes the connection
+    #[arg(long, env = "WEBSOCKET_TEST_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
+    pub write_timeout: Duration,
+
+    /// Largest message accepted; a larger one closes the connection with 1009
+    #[arg(long, env = "WEBSOCKET_TEST_MAX_MESSAGE_SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub max_message_size: usize,
+
+    /// Largest single frame accepted; a larger one closes the connection with 1009
+    #[arg(long, env = "WEBSOCKET_TEST_MAX_FRAME_SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub max_frame_size: usize,
+
+    /// Log level: error, warn, info, debug or trace
+    #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info")]
+    pub log_level: LevelFilter,
+}
+
+/// Configuration of the `client` binary.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "client",
+    version,
+    about = "Holds WebSocket connections open: pings, detects dead connections, reconnects",
+    long_about = "Holds one or more WebSocket connections to a server unattended: pings every \
+                  --ping-interval, declares a connection dead when no pong arrives within \
+                  --pong-timeout, and reconnects --reconnect-delay after any loss. \
+                  Durations take ms, s, m or h suffixes."
+)]
+pub struct ClientConfig {
+    /// Server host name or IP address
+    #[arg(long, env = "WEBSOCKET_TEST_HOST", default_value = "localhost")]
+    pub host: String,
+
+    /// Server port
+    #[arg(long, env = "WEBSOCKET_TEST_PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+
+    /// Path of the WebSocket endpoint
+    #[arg(long, env = "WEBSOCKET_TEST_PATH", default_value = DEFAULT_PATH, value_parser = parse_path)]
+    pub path: String,
+
+    /// Number of connections to hold, each on its own thread
+    #[arg(long, env = "WEBSOCKET_TEST_CONNECTIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub connections: u32,
+
+    /// How often each connection sends a ping
+    #[arg(long, env = "WEBSOCKET_TEST_PING_INTERVAL", default_value = "15s", value_parser = parse_interval)]
+    pub ping_interval: Duration,
+
+    /// A connection whose ping gets no pong within this time is declared dead
+    #[arg(long, env = "WEBSOCKET_TEST_PONG_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
+    pub pong_timeout: Duration,
+
+    /// How often each connection logs "Connection status: CONNECTED to ..."
+    #[arg(long, env = "WEBSOCKET_TEST_STATUS_INTERVAL", default_value = "30s", value_parser = parse_interval)]
+    pub status_interval: Duration,
+
+    /// Wait after a lost connection (or a failed attempt) before connecting again
+    #[arg(long, env = "WEBSOCKET_TEST_RECONNECT_DELAY", default_value = "5s", value_parser = parse_interval)]
+    pub reconnect_delay: Duration,
+
+    /// Limit for the TCP connect plus the WebSocket handshake
+    #[arg(long, env = "WEBSOCKET_TEST_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
+    pub connect_timeout: Duration,
+
+    /// Log level: error, warn, info, debug or trace
+    #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info")]
+    pub log_level: LevelFilter,
+}
+
+impl ClientConfig {
+    /// The URL the client connects to, e.g. `ws://localhost:3003/ws` or `ws://[::1]:3003/ws`.
+    pub fn url(&self) -> String {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("ws://[{}]:{}{}", self.host, self.port, self.path)
+        } else {
+            format!("ws://{}:{}{}", self.host, self.port, self.path)
+        }
+    }
+}
+
+/// Parses `200ms`, `15s`, `5m`, `1h` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    if number.is_empty() {
+        return Err(format!("invalid duration {text:?}: expected a number such as 15s or 200ms"));
+    }
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+    let millis_per_unit = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        other => {
+            return Err(format!(
+                "invalid duration {text:?}: unknown unit {other:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    value
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("invalid duration {text:?}: too large"))
+}
+
+/// Parses a duration that must be greater than zero (an interval or a timeout).
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(format!("invalid duration {text:?}: must be greater than zero")),
+        duration => Ok(duration),
+    }
+}
+
+/// Parses a byte count: `65536`, `64KiB`, `16MiB`, `1GiB` (`K`, `M`, `G` mean the same).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: usize = number
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected bytes such as 65536 or 16MiB"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        other => {
+            return Err(format!(
+                "invalid size {text:?}: unknown unit {other:?} (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    match value.checked_mul(1 << shift) {
+        Some(0) | None => Err(format!("invalid size {text:?}: must be between 1 byte and {}", usize::MAX)),
+        Some(bytes) => Ok(bytes),
+    }
+}
+
+/// Accepts an absolute request path such as `/ws`.
+fn parse_path(text: &str) -> Result<String, String> {
+    if text.starts_with('/') && !text.contains(char::is_whitespace) && !text.contains(['?', '#']) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("invalid path {text:?}: must start with '/' and hold no spaces, '?' or '#'"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("200ms"), Ok(Duration::from_millis(200)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "s", "-1s", "1.5s", "10 parsecs", "99999999999999999999s", "18446744073709551615h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+        assert!(parse_interval("0ms").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        for bad in ["", "0", "MiB", "1TiB", "-5", "1.5MiB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn paths() {
+        assert!(parse_path("/ws").is_ok());
+        assert!(parse_path("ws").is_err());
+        assert!(parse_path("/a b").is_err());
+        assert!(parse_path("/ws?x=1").is_err());
+    }
+
+    #[test]
+    fn urls() {
+        let mut config = ClientConfig::parse_from(["client"]);
+        assert_eq!(config.url(), "ws://localhost:3003/ws");
+        config.host = "::1".into();
+        assert_eq!(config.url(), "ws://[::1]:3003/ws");
+    }
+
+    #[test]
+    fn cli_definitions_are_consistent() {
+        use clap::CommandFactory;
+        ServerConfig::command().debug_assert();
+        ClientConfig::command().debug_assert();
+    }
+}

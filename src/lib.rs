@@ -1,0 +1,35 @@
+//! websocket-test: a WebSocket echo server and a long-lived client for proving that
+//! connections survive load balancers, ingress controllers, service meshes, NAT and
+//! firewalls, and for counting how many connections a path can hold.
+//!
+//! Synchronous and thread-per-connection: no async runtime. The server's `acceptor` thread
+//! hands every socket to its own named thread (`conn-N`) that answers the HTTP request,
+//! then runs a tungstenite echo loop blocked in `read` (an idle connection costs no CPU).
+//! The client runs one thread per connection (`client-N`) that times its pings with
+//! socket read timeouts. Thread names show in `gdb`, `top -H` and `/proc/PID/task/*/comm`.
+//! Run with `--log-level debug` to see every message.
+//!
+//! Codemap:
+//! - [`config`]: flags, environment twins, defaults, duration and size parsing.
+//! - [`server`]: accept loop, opening handshake, echo threads, connection registry.
+//! - [`client`]: connection threads: connect, ping, status, reconnect.
+//! - [`stream`]: the socket shared between a connection's thread and shutdown.
+//! - [`metrics`]: the Prometheus registry and its HTTP thread.
+//! - [`shutdown`], [`net`], [`error`]: signalling, socket set-up, errors.
+//!
+//! Invariants: `websocket_connections` equals the number of entries in the server's
+//! registry at every moment (both change under one lock); after our Close frame nothing
+//! more is written to a socket; every wait is bounded or wakes on shutdown.
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod net;
+pub mod server;
+pub mod shutdown;
+pub mod stream;
+
+pub use config::{ClientConfig, ServerConfig};
+pub use error::{Error, Result};
+pub use server::Server;

@@ -1,0 +1,73 @@
+//! Socket set-up shared by the server and the client.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Listen backlog: std's `TcpListener::bind` uses 128, which makes bursts of connects wait
+/// a second for SYN retries. The kernel caps it at `net.core.somaxconn` (4096 by default).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds a listening TCP socket with `SO_REUSEADDR` (a restart does not wait for
+/// `TIME_WAIT`) and a large backlog. An IPv6 wildcard also accepts IPv4.
+pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// An address that reaches `listen_addr` from this host: the loopback address when the
+/// listener is bound to a wildcard.
+pub fn local_reach(listen_addr: SocketAddr) -> SocketAddr {
+    let ip = match listen_addr {
+        SocketAddr::V4(v4) if v4.ip().is_unspecified() => Ipv4Addr::LOCALHOST.into(),
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() => Ipv6Addr::LOCALHOST.into(),
+        other => other.ip(),
+    };
+    SocketAddr::new(ip, listen_addr.port())
+}
+
+/// Unblocks a thread waiting in `accept()` on `listen_addr` by connecting to it.
+pub fn wake_acceptor(listen_addr: SocketAddr) {
+    let _ = TcpStream::connect_timeout(&local_reach(listen_addr), Duration::from_secs(1));
+}
+
+/// True for the errors a socket read timeout produces (`WouldBlock` on Unix, `TimedOut`
+/// on Windows): a tick, not a failure.
+pub fn is_timeout(error: &io::Error) -> bool {
+    matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// How long [`close_gracefully`] waits for the peer to finish sending.
+pub const LINGER: Duration = Duration::from_secs(1);
+
+/// Closes our side after a final message (an HTTP error or a Close frame) so the peer can
+/// read it: half-close, then discard what the peer still sends until it closes too, for at
+/// most [`LINGER`]. Closing with unread input would make the kernel send a reset, and a
+/// reset can destroy the final message before the peer reads it.
+pub fn close_gracefully(tcp: &TcpStream) {
+    use std::io::Read;
+    if tcp.shutdown(std::net::Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + LINGER;
+    let mut sink = [0u8; 4096];
+    let mut budget = 1usize << 20;
+    while budget > 0 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || tcp.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match (&*tcp).read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => budget = budget.saturating_sub(n),
+        }
+    }
+}

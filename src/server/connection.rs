@@ -1,0 +1,153 @@
+//! One client connection on its own thread: the opening request, then the echo loop.
+
+use std::fmt;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{debug, info};
+use tungstenite::error::{CapacityError, ProtocolError};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
+use tungstenite::{Error as WsError, Message};
+
+use super::handshake::{self, Handshake};
+use super::registry::Registry;
+use crate::metrics::Metrics;
+use crate::net;
+use crate::shutdown::Shutdown;
+use crate::stream::{close_frame, SharedStream, WsStream};
+
+/// What every connection thread needs, shared by all of them.
+pub struct Context {
+    /// The path that accepts upgrades.
+    pub ws_path: String,
+    /// Time a client has to send its opening request.
+    pub handshake_timeout: Duration,
+    /// A write that makes no progress for this long fails.
+    pub write_timeout: Duration,
+    /// Buffer sizes and limits for tungstenite.
+    pub ws_config: WebSocketConfig,
+    /// The live connections.
+    pub registry: Registry,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Server shutdown.
+    pub shutdown: Shutdown,
+    /// The Close frame sent to every client at shutdown.
+    pub going_away: Arc<[u8]>,
+}
+
+/// Serves one accepted socket until it closes.
+pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
+    let _ = tcp.set_nodelay(true);
+    let leftover = match handshake::accept(&tcp, &context.ws_path, context.handshake_timeout) {
+        Ok(Handshake::Upgraded { leftover }) => leftover,
+        Ok(Handshake::Answered { status, message }) => {
+            if status >= 400 {
+                context.metrics.handshake_failures.inc();
+                info!("Rejected request from {peer}: {status} {message}");
+            } else {
+                debug!("Answered {peer}: {status} {message}");
+            }
+            net::close_gracefully(&tcp);
+            return;
+        }
+        Err(error) => {
+            context.metrics.handshake_failures.inc();
+            if error.kind() == std::io::ErrorKind::UnexpectedEof {
+                debug!("Upgrade from {peer} failed: {error}");
+            } else {
+                info!("Upgrade from {peer} failed: {error}");
+            }
+            return;
+        }
+    };
+    // A client that stops reading must not hold this thread forever.
+    let _ = tcp.set_write_timeout(Some(context.write_timeout));
+
+    let stream = SharedStream::new(tcp);
+    let mut socket =
+        WebSocket::from_partially_read(WsStream(stream.clone()), leftover, Role::Server, Some(context.ws_config));
+    let mut registration = context.registry.register(id, peer, stream.clone());
+    let ending = echo(&mut socket, &stream, context);
+    if let Ending::Failed { .. } = ending {
+        net::close_gracefully(stream.tcp());
+    }
+    registration.set_ending(ending.to_string());
+}
+
+/// Echoes every data message back with its type until the connection ends.
+fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Context) -> Ending {
+    let mut peer_close = None;
+    loop {
+        if context.shutdown.is_requested() {
+            let _ = stream.send_close(&context.going_away);
+        }
+        match socket.read() {
+            Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
+                debug!("echo {} bytes", message.len());
+                if let Err(error) = socket.send(message) {
+                    return Ending::from_error(error, stream);
+                }
+            }
+            Ok(Message::Close(frame)) => peer_close = Some(frame),
+            // tungstenite queues the pong and sends it before the next read.
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+            Err(WsError::ConnectionClosed) => return Ending::Closed(peer_close.flatten()),
+            Err(error) => return Ending::from_error(error, stream),
+        }
+    }
+}
+
+/// How a connection ended, as the disconnect log line tells it.
+#[derive(Debug)]
+enum Ending {
+    /// The close handshake completed; the client's Close frame carried this.
+    Closed(Option<CloseFrame>),
+    /// The client broke the protocol or a limit; we sent a Close frame with this code.
+    Failed { code: CloseCode, error: String },
+    /// The TCP connection ended or failed without a close handshake.
+    Dropped(String),
+}
+
+impl Ending {
+    /// Sorts a tungstenite error: protocol and limit violations get the Close frame RFC 6455
+    /// asks for (tungstenite itself sends none), transport errors end the connection.
+    fn from_error(error: WsError, stream: &SharedStream) -> Self {
+        let code = match &error {
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseCode::Size,
+            WsError::Capacity(_) => CloseCode::Size,
+            WsError::Utf8(_) => CloseCode::Invalid,
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+                return Ending::Dropped("connection closed without a close frame".into())
+            }
+            WsError::Protocol(_) | WsError::AttackAttempt => CloseCode::Protocol,
+            WsError::Io(error) => return Ending::Dropped(error.to_string()),
+            other => return Ending::Dropped(other.to_string()),
+        };
+        let reason = close_reason(code);
+        let _ = stream.send_close(&close_frame(Role::Server, code, reason));
+        Ending::Failed { code, error: error.to_string() }
+    }
+}
+
+fn close_reason(code: CloseCode) -> &'static str {
+    match code {
+        CloseCode::Size => "message too big",
+        CloseCode::Invalid => "invalid UTF-8 in text message",
+        _ => "protocol error",
+    }
+}
+
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ending::Closed(Some(frame)) if frame.reason.is_empty() => write!(f, "close {}", u16::from(frame.code)),
+            Ending::Closed(Some(frame)) => write!(f, "close {} {:?}", u16::from(frame.code), frame.reason.as_str()),
+            Ending::Closed(None) => write!(f, "close without status code"),
+            Ending::Failed { code, error } => write!(f, "{error}; sent close {}", u16::from(*code)),
+            Ending::Dropped(error) => write!(f, "{error}"),
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The live WebSocket connections: who they are and how to reach them from outside their
+//! thread. A [`Registration`] guard keeps the map, the gauge and the connect/disconnect log
+//! lines in step on every exit path, panics included.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
+
+use log::info;
+use prometheus::{IntCounter, IntGauge};
+
+use crate::stream::SharedStream;
+
+/// One live connection.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// When the upgrade completed.
+    pub connected_at: Instant,
+    /// The socket, to send a Close frame or shut it down from another thread.
+    pub stream: Arc<SharedStream>,
+}
+
+/// Connections by id, shared by the connection threads, the reporter and shutdown.
+#[derive(Clone)]
+pub struct Registry {
+    connections: Arc<RwLock<HashMap<u64, Entry>>>,
+    gauge: IntGauge,
+    accepted: IntCounter,
+}
+
+impl Registry {
+    /// An empty registry that mirrors its size into `gauge` and counts into `accepted`.
+    pub fn new(gauge: IntGauge, accepted: IntCounter) -> Self {
+        gauge.set(0);
+        Registry { connections: Arc::default(), gauge, accepted }
+    }
+
+    /// Adds a connection and logs `Connected: PEER`; it stays until the guard drops.
+    pub fn register(&self, id: u64, peer: SocketAddr, stream: Arc<SharedStream>) -> Registration {
+        let connected_at = Instant::now();
+        {
+            let mut connections = self.write();
+            connections.insert(id, Entry { peer, connected_at, stream });
+            self.gauge.set(connections.len() as i64);
+        }
+        self.accepted.inc();
+        info!("Connected: {peer}");
+        Registration { registry: self.clone(), id, peer, connected_at, ending: None }
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// A copy of the live connections.
+    pub fn entries(&self) -> Vec<(u64, Entry)> {
+        self.read().iter().map(|(id, entry)| (*id, entry.clone())).collect()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<u64, Entry>> {
+        self.connections.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<u64, Entry>> {
+        self.connections.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Removes its connection from the registry when dropped and logs `Disconnected: PEER`.
+pub struct Registration {
+    registry: Registry,
+    id: u64,
+    peer: SocketAddr,
+    connected_at: Instant,
+    ending: Option<String>,
+}
+
+impl Registration {
+    /// Records how the connection ended, for the disconnect log line.
+    pub fn set_ending(&mut self, ending: String) {
+        self.ending = Some(ending);
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        {
+            let mut connections = self.registry.write();
+            connections.remove(&self.id);
+            self.registry.gauge.set(connections.len() as i64);
+        }
+        let ending = self.ending.as_deref().unwrap_or("connection thread panicked");
+        let lived = self.connected_at.elapsed().as_secs_f64();
+        info!("Disconnected: {} ({ending}, after {lived:.1}s)", self.peer);
+    }
+}

@@ -1,0 +1,182 @@
+//! A TCP stream shared between the thread that runs a WebSocket over it and the threads
+//! that may have to close it from outside (shutdown).
+//!
+//! A thread blocked in `read` on an idle connection cannot be asked to send anything, and
+//! polling would cost every idle connection CPU. Instead the stream keeps a small write lock:
+//! whoever holds it writes whole frames, so another thread can put a Close frame on the wire
+//! between two frames of the owner. The peer's Close reply then wakes the owner. After our
+//! Close has gone out, later writes are discarded: RFC 6455 §5.5.1 forbids sending anything
+//! after a Close frame, and tungstenite, which did not see ours, would answer the peer's.
+
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::Frame;
+use tungstenite::protocol::{CloseFrame, Role};
+
+/// The shared half: the socket and its write lock.
+#[derive(Debug)]
+pub struct SharedStream {
+    tcp: TcpStream,
+    writer: Mutex<WriterState>,
+}
+
+#[derive(Debug, Default)]
+struct WriterState {
+    /// Our Close frame has been written, or a write failed part-way: nothing more may go out.
+    done: bool,
+}
+
+impl SharedStream {
+    /// Wraps a connected socket.
+    pub fn new(tcp: TcpStream) -> Arc<Self> {
+        Arc::new(SharedStream { tcp, writer: Mutex::new(WriterState::default()) })
+    }
+
+    /// The underlying socket, for options and addresses.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Writes a Close frame (from [`close_frame`]) unless one already went out; waits for a
+    /// write in progress to finish. Returns whether this call sent it.
+    pub fn send_close(&self, frame: &[u8]) -> io::Result<bool> {
+        Self::close_locked(&self.tcp, self.lock(), frame)
+    }
+
+    /// Like [`send_close`](Self::send_close), but returns `None` instead of waiting when
+    /// another thread is writing.
+    pub fn try_send_close(&self, frame: &[u8]) -> Option<io::Result<bool>> {
+        let writer = match self.writer.try_lock() {
+            Ok(writer) => writer,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(Self::close_locked(&self.tcp, writer, frame))
+    }
+
+    /// Whether our Close frame has gone out (or the stream can no longer be written).
+    pub fn close_sent(&self) -> bool {
+        self.lock().done
+    }
+
+    /// Shuts the socket down in both directions: blocked reads and writes return at once.
+    pub fn abort(&self) {
+        let _ = self.tcp.shutdown(Shutdown::Both);
+    }
+
+    fn close_locked(tcp: &TcpStream, mut writer: MutexGuard<'_, WriterState>, frame: &[u8]) -> io::Result<bool> {
+        if writer.done {
+            return Ok(false);
+        }
+        writer.done = true;
+        (&*tcp).write_all(frame)?;
+        Ok(true)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WriterState> {
+        self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The owner's half, given to tungstenite: reads freely, writes whole buffers under the lock.
+#[derive(Debug, Clone)]
+pub struct WsStream(pub Arc<SharedStream>);
+
+impl Read for WsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.0.tcp).read(buf)
+    }
+}
+
+impl Write for WsStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut writer = self.0.lock();
+        if writer.done {
+            return Ok(buf.len());
+        }
+        // tungstenite hands over whole frames; writing all of them under the lock keeps a
+        // Close frame from another thread from landing inside one.
+        if let Err(error) = (&self.0.tcp).write_all(buf) {
+            writer.done = true;
+            return Err(error);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Closes connections from outside their threads (at shutdown): sends each stream in
+/// `live()` the Close frame `frame()` builds, retrying streams whose owner is mid-write,
+/// and waits until `finished` disconnects (every owner thread has ended) or `timeout`
+/// passes. Then it shuts the remaining sockets down and waits up to `grace` for their
+/// threads. Returns how many connections had to be shut down that way.
+pub fn close_all(
+    live: impl Fn() -> Vec<Arc<SharedStream>>,
+    frame: impl Fn() -> Vec<u8>,
+    finished: &Receiver<()>,
+    timeout: Duration,
+    grace: Duration,
+) -> usize {
+    const RETRY: Duration = Duration::from_millis(10);
+    let deadline = Instant::now() + timeout;
+    let mut busy = live();
+    loop {
+        busy.retain(|stream| stream.try_send_close(&frame()).is_none());
+        let wake = if busy.is_empty() { deadline } else { deadline.min(Instant::now() + RETRY) };
+        match finished.recv_deadline(wake) {
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(RecvTimeoutError::Timeout) => break,
+            _ => return 0,
+        }
+    }
+    let left = live();
+    for stream in &left {
+        stream.abort();
+    }
+    let _ = finished.recv_timeout(grace);
+    left.len()
+}
+
+/// Encodes a Close frame as `role` must send it (a client masks its frames).
+pub fn close_frame(role: Role, code: CloseCode, reason: &str) -> Vec<u8> {
+    let mut frame = Frame::close(Some(CloseFrame { code, reason: reason.to_owned().into() }));
+    if role == Role::Client {
+        frame.header_mut().mask = Some(random_mask());
+    }
+    let mut bytes = Vec::with_capacity(2 + 4 + 2 + reason.len());
+    frame.format(&mut bytes).expect("writing to a Vec cannot fail");
+    bytes
+}
+
+/// Four unpredictable bytes from std's randomly keyed hasher.
+fn random_mask() -> [u8; 4] {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64);
+    (hasher.finish() as u32).to_ne_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_frames_are_encoded_for_their_role() {
+        let server = close_frame(Role::Server, CloseCode::Away, "bye");
+        assert_eq!(server, [0x88, 5, 0x03, 0xE9, b'b', b'y', b'e']);
+        let client = close_frame(Role::Client, CloseCode::Normal, "");
+        assert_eq!(client.len(), 2 + 4 + 2);
+        assert_eq!(client[..2], [0x88, 0x80 | 2]);
+        let mask = &client[2..6];
+        assert_eq!([client[6] ^ mask[0], client[7] ^ mask[1]], [0x03, 0xE8]);
+    }
+}
