@@ -143,10 +143,14 @@ impl ClientConfig {
 /// Parses `200ms`, `15s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     if number.is_empty() {
-        return Err(format!("invalid duration {text:?}: expected a number such as 15s or 200ms"));
+        return Err(format!(
+            "invalid duration {text:?}: expected a number such as 15s or 200ms"
+        ));
     }
     let value: u64 = number
         .parse()
@@ -171,7 +175,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses a duration that must be greater than zero (an interval or a timeout).
 pub fn parse_interval(text: &str) -> Result<Duration, String> {
     match parse_duration(text)? {
-        Duration::ZERO => Err(format!("invalid duration {text:?}: must be greater than zero")),
+        Duration::ZERO => Err(format!(
+            "invalid duration {text:?}: must be greater than zero"
+        )),
         duration => Ok(duration),
     }
 }
@@ -179,7 +185,9 @@ pub fn parse_interval(text: &str) -> Result<Duration, String> {
 /// Parses a byte count: `65536`, `64KiB`, `16MiB`, `1GiB` (`K`, `M`, `G` mean the same).
 pub fn parse_size(text: &str) -> Result<usize, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let value: usize = number
         .parse()
@@ -196,7 +204,10 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         }
     };
     match value.checked_mul(1 << shift) {
-        Some(0) | None => Err(format!("invalid size {text:?}: must be between 1 byte and {}", usize::MAX)),
+        Some(0) | None => Err(format!(
+            "invalid size {text:?}: must be between 1 byte and {}",
+            usize::MAX
+        )),
         Some(bytes) => Ok(bytes),
     }
 }
@@ -206,7 +217,9 @@ fn parse_path(text: &str) -> Result<String, String> {
     if text.starts_with('/') && !text.contains(char::is_whitespace) && !text.contains(['?', '#']) {
         Ok(text.to_owned())
     } else {
-        Err(format!("invalid path {text:?}: must start with '/' and hold no spaces, '?' or '#'"))
+        Err(format!(
+            "invalid path {text:?}: must start with '/' and hold no spaces, '?' or '#'"
+        ))
     }
 }
 
@@ -222,7 +235,15 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        for bad in ["", "s", "-1s", "1.5s", "10 parsecs", "99999999999999999999s", "18446744073709551615h"] {
+        for bad in [
+            "",
+            "s",
+            "-1s",
+            "1.5s",
+            "10 parsecs",
+            "99999999999999999999s",
+            "18446744073709551615h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(parse_interval("0ms").is_err());

@@ -25,11 +25,16 @@ impl Metrics {
     /// Creates the metrics, with the `process_*` collector where the platform has one.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let connections = IntGauge::new("websocket_connections", "Current number of active WebSocket connections")
-            .expect("valid metric");
-        let connections_total =
-            IntCounter::new("websocket_connections_total", "WebSocket connections accepted since start")
-                .expect("valid metric");
+        let connections = IntGauge::new(
+            "websocket_connections",
+            "Current number of active WebSocket connections",
+        )
+        .expect("valid metric");
+        let connections_total = IntCounter::new(
+            "websocket_connections_total",
+            "WebSocket connections accepted since start",
+        )
+        .expect("valid metric");
         let handshake_failures = IntCounter::new(
             "websocket_handshake_failures_total",
             "Requests to the WebSocket port that did not become a WebSocket connection",
@@ -44,15 +49,24 @@ impl Metrics {
         }
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("process metrics register once");
-        Metrics { registry, connections, connections_total, handshake_failures }
+        Metrics {
+            registry,
+            connections,
+            connections_total,
+            handshake_failures,
+        }
     }
 
     /// The metrics in the Prometheus text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(4096);
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
         out
     }
 }
@@ -73,14 +87,19 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Serves `metrics` on `listener` from a thread named `metrics-http`.
     pub fn start(listener: TcpListener, metrics: Metrics) -> std::io::Result<Self> {
-        let http = tiny_http::Server::from_listener(listener, None).map_err(std::io::Error::other)?;
+        let http =
+            tiny_http::Server::from_listener(listener, None).map_err(std::io::Error::other)?;
         let http = Arc::new(http);
         let ready = Arc::new(AtomicBool::new(true));
         let thread = thread::Builder::new().name("metrics-http".into()).spawn({
             let (http, ready) = (http.clone(), ready.clone());
             move || serve(&http, &metrics, &ready)
         })?;
-        Ok(MetricsServer { http, thread, ready })
+        Ok(MetricsServer {
+            http,
+            thread,
+            ready,
+        })
     }
 
     /// Makes `/readyz` answer 503, so load balancers stop sending new connections.
@@ -100,13 +119,21 @@ impl MetricsServer {
 fn serve(http: &tiny_http::Server, metrics: &Metrics, ready: &AtomicBool) {
     for request in http.incoming_requests() {
         let path = request.url().split('?').next().unwrap_or("");
-        debug!("{} {} from {:?}", request.method(), request.url(), request.remote_addr());
+        debug!(
+            "{} {} from {:?}",
+            request.method(),
+            request.url(),
+            request.remote_addr()
+        );
         let response = match path {
             "/metrics" => tiny_http::Response::from_data(metrics.render()).with_header(
-                tiny_http::Header::from_bytes("Content-Type", prometheus::TEXT_FORMAT).expect("valid header"),
+                tiny_http::Header::from_bytes("Content-Type", prometheus::TEXT_FORMAT)
+                    .expect("valid header"),
             ),
             "/healthz" => tiny_http::Response::from_string("ok\n"),
-            "/readyz" if ready.load(Ordering::SeqCst) => tiny_http::Response::from_string("ready\n"),
+            "/readyz" if ready.load(Ordering::SeqCst) => {
+                tiny_http::Response::from_string("ready\n")
+            }
             "/readyz" => tiny_http::Response::from_string("shutting down\n").with_status_code(503),
             _ => tiny_http::Response::from_string("not found\n").with_status_code(404),
         };

@@ -42,7 +42,10 @@ pub fn wake_acceptor(listen_addr: SocketAddr) {
 /// True for the errors a socket read timeout produces (`WouldBlock` on Unix, `TimedOut`
 /// on Windows): a tick, not a failure.
 pub fn is_timeout(error: &io::Error) -> bool {
-    matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// How long [`close_gracefully`] waits for the peer to finish sending.

@@ -36,7 +36,10 @@ struct WriterState {
 impl SharedStream {
     /// Wraps a connected socket.
     pub fn new(tcp: TcpStream) -> Arc<Self> {
-        Arc::new(SharedStream { tcp, writer: Mutex::new(WriterState::default()) })
+        Arc::new(SharedStream {
+            tcp,
+            writer: Mutex::new(WriterState::default()),
+        })
     }
 
     /// The underlying socket, for options and addresses.
@@ -50,15 +53,21 @@ impl SharedStream {
         Self::close_locked(&self.tcp, self.lock(), frame)
     }
 
-    /// Like [`send_close`](Self::send_close), but returns `None` instead of waiting when
-    /// another thread is writing.
-    pub fn try_send_close(&self, frame: &[u8]) -> Option<io::Result<bool>> {
+    /// Like [`send_close`](Self::send_close) for a thread other than the owner: returns
+    /// `None` instead of waiting when the owner is writing, and gives up after `timeout`
+    /// when the peer's receive window is full (a peer that does not read).
+    pub fn try_send_close(&self, frame: &[u8], timeout: Duration) -> Option<io::Result<bool>> {
         let writer = match self.writer.try_lock() {
             Ok(writer) => writer,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => return None,
         };
-        Some(Self::close_locked(&self.tcp, writer, frame))
+        // Only the lock holder writes, so the owner never sees the shorter timeout.
+        let owner_timeout = self.tcp.write_timeout().unwrap_or(None);
+        let _ = self.tcp.set_write_timeout(Some(timeout));
+        let sent = Self::close_locked(&self.tcp, writer, frame);
+        let _ = self.tcp.set_write_timeout(owner_timeout);
+        Some(sent)
     }
 
     /// Whether our Close frame has gone out (or the stream can no longer be written).
@@ -71,7 +80,11 @@ impl SharedStream {
         let _ = self.tcp.shutdown(Shutdown::Both);
     }
 
-    fn close_locked(tcp: &TcpStream, mut writer: MutexGuard<'_, WriterState>, frame: &[u8]) -> io::Result<bool> {
+    fn close_locked(
+        tcp: &TcpStream,
+        mut writer: MutexGuard<'_, WriterState>,
+        frame: &[u8],
+    ) -> io::Result<bool> {
         if writer.done {
             return Ok(false);
         }
@@ -81,7 +94,9 @@ impl SharedStream {
     }
 
     fn lock(&self) -> MutexGuard<'_, WriterState> {
-        self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -128,11 +143,20 @@ pub fn close_all(
     grace: Duration,
 ) -> usize {
     const RETRY: Duration = Duration::from_millis(10);
+    const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_millis(50);
     let deadline = Instant::now() + timeout;
     let mut busy = live();
     loop {
-        busy.retain(|stream| stream.try_send_close(&frame()).is_none());
-        let wake = if busy.is_empty() { deadline } else { deadline.min(Instant::now() + RETRY) };
+        busy.retain(|stream| {
+            stream
+                .try_send_close(&frame(), CLOSE_WRITE_TIMEOUT)
+                .is_none()
+        });
+        let wake = if busy.is_empty() {
+            deadline
+        } else {
+            deadline.min(Instant::now() + RETRY)
+        };
         match finished.recv_deadline(wake) {
             Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
             Err(RecvTimeoutError::Timeout) => break,
@@ -149,19 +173,29 @@ pub fn close_all(
 
 /// Encodes a Close frame as `role` must send it (a client masks its frames).
 pub fn close_frame(role: Role, code: CloseCode, reason: &str) -> Vec<u8> {
-    let mut frame = Frame::close(Some(CloseFrame { code, reason: reason.to_owned().into() }));
+    let mut frame = Frame::close(Some(CloseFrame {
+        code,
+        reason: reason.to_owned().into(),
+    }));
     if role == Role::Client {
         frame.header_mut().mask = Some(random_mask());
     }
     let mut bytes = Vec::with_capacity(2 + 4 + 2 + reason.len());
-    frame.format(&mut bytes).expect("writing to a Vec cannot fail");
+    frame
+        .format(&mut bytes)
+        .expect("writing to a Vec cannot fail");
     bytes
 }
 
 /// Four unpredictable bytes from std's randomly keyed hasher.
 fn random_mask() -> [u8; 4] {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64);
+    hasher.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64,
+    );
     (hasher.finish() as u32).to_ne_bytes()
 }
 

@@ -33,7 +33,9 @@ pub fn run(index: u32, config: &ClientConfig, shutdown: &Shutdown, slot: &Slot) 
                 set_slot(slot, None);
                 match outcome {
                     Outcome::Shutdown => return,
-                    Outcome::Lost(reason) => warn!("[Connection {index}] Connection lost: {reason}"),
+                    Outcome::Lost(reason) => {
+                        warn!("[Connection {index}] Connection lost: {reason}")
+                    }
                 }
             }
             Err(error) => warn!("[Connection {index}] Connection failed: {error}"),
@@ -41,7 +43,10 @@ pub fn run(index: u32, config: &ClientConfig, shutdown: &Shutdown, slot: &Slot) 
         if shutdown.is_requested() {
             return;
         }
-        info!("[Connection {index}] Reconnecting in {:?}", config.reconnect_delay);
+        info!(
+            "[Connection {index}] Reconnecting in {:?}",
+            config.reconnect_delay
+        );
         if shutdown.wait_timeout(config.reconnect_delay) {
             return;
         }
@@ -53,7 +58,10 @@ fn set_slot(slot: &Slot, stream: Option<Arc<SharedStream>>) {
 }
 
 /// TCP connect plus WebSocket handshake, both within the connect timeout.
-fn connect(config: &ClientConfig, url: &str) -> Result<(WebSocket<WsStream>, Arc<SharedStream>), String> {
+fn connect(
+    config: &ClientConfig,
+    url: &str,
+) -> Result<(WebSocket<WsStream>, Arc<SharedStream>), String> {
     let deadline = Instant::now() + config.connect_timeout;
     let addrs = (config.host.as_str(), config.port)
         .to_socket_addrs()
@@ -75,7 +83,9 @@ fn connect(config: &ClientConfig, url: &str) -> Result<(WebSocket<WsStream>, Arc
         }
     }
     let tcp = connected.ok_or(last_error)?;
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
     let setup = |tcp: &TcpStream| -> std::io::Result<()> {
         tcp.set_nodelay(true)?;
         tcp.set_read_timeout(Some(left))?;
@@ -84,17 +94,31 @@ fn connect(config: &ClientConfig, url: &str) -> Result<(WebSocket<WsStream>, Arc
     setup(&tcp).map_err(|error| error.to_string())?;
 
     let stream = SharedStream::new(tcp);
-    let request = url.into_client_request().map_err(|error| format!("invalid URL {url}: {error}"))?;
-    let ws_config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_SIZE).write_buffer_size(0);
-    let socket = match tungstenite::client::client_with_config(request, WsStream(stream.clone()), Some(ws_config)) {
+    let request = url
+        .into_client_request()
+        .map_err(|error| format!("invalid URL {url}: {error}"))?;
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_SIZE)
+        .write_buffer_size(0);
+    let socket = match tungstenite::client::client_with_config(
+        request,
+        WsStream(stream.clone()),
+        Some(ws_config),
+    ) {
         Ok((socket, _response)) => socket,
         Err(HandshakeError::Interrupted(_)) => {
-            return Err(format!("handshake timed out after {:?}", config.connect_timeout))
+            return Err(format!(
+                "handshake timed out after {:?}",
+                config.connect_timeout
+            ))
         }
         Err(HandshakeError::Failure(error)) => return Err(format!("handshake failed: {error}")),
     };
     // From here on, reads time the pings; writes are small and wait as long as TCP does.
-    stream.tcp().set_write_timeout(None).map_err(|error| error.to_string())?;
+    stream
+        .tcp()
+        .set_write_timeout(None)
+        .map_err(|error| error.to_string())?;
     Ok((socket, stream))
 }
 
@@ -124,15 +148,23 @@ fn hold(
     // Set once a close handshake is under way: by us at shutdown, or by the server.
     let mut closing: Option<Instant> = None;
     let mut server_close: Option<Option<CloseFrame>> = None;
-    let lost = |server_close: &Option<Option<CloseFrame>>, error: Option<String>| match server_close {
-        Some(frame) => Outcome::Lost(format!("server closed the connection: {}", describe_close(frame))),
+    let lost = |server_close: &Option<Option<CloseFrame>>, error: Option<String>| match server_close
+    {
+        Some(frame) => Outcome::Lost(format!(
+            "server closed the connection: {}",
+            describe_close(frame)
+        )),
         None => Outcome::Lost(error.unwrap_or_else(|| "connection closed".into())),
     };
 
     loop {
         let now = Instant::now();
         if shutdown.is_requested() && !stream.close_sent() {
-            let _ = stream.send_close(&close_frame(Role::Client, CloseCode::Normal, "client shutting down"));
+            let _ = stream.send_close(&close_frame(
+                Role::Client,
+                CloseCode::Normal,
+                "client shutting down",
+            ));
             closing = Some(now + CLOSE_TIMEOUT);
         }
         match closing {
@@ -150,7 +182,9 @@ fn hold(
                 }
                 if now >= next_ping {
                     pings_sent += 1;
-                    if let Err(error) = socket.send(Message::Ping(pings_sent.to_be_bytes().to_vec().into())) {
+                    if let Err(error) =
+                        socket.send(Message::Ping(pings_sent.to_be_bytes().to_vec().into()))
+                    {
                         return lost(&server_close, Some(format!("ping failed: {error}")));
                     }
                     pong_due.get_or_insert(now + config.pong_timeout);
@@ -163,9 +197,17 @@ fn hold(
             }
         }
 
-        let wake = [Some(next_ping), Some(next_status), pong_due, closing].into_iter().flatten().min();
-        let timeout = wake.map_or(config.ping_interval, |at| at.saturating_duration_since(Instant::now()));
-        if let Err(error) = stream.tcp().set_read_timeout(Some(timeout.max(Duration::from_millis(1)))) {
+        let wake = [Some(next_ping), Some(next_status), pong_due, closing]
+            .into_iter()
+            .flatten()
+            .min();
+        let timeout = wake.map_or(config.ping_interval, |at| {
+            at.saturating_duration_since(Instant::now())
+        });
+        if let Err(error) = stream
+            .tcp()
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        {
             return lost(&server_close, Some(error.to_string()));
         }
         match socket.read() {
@@ -175,7 +217,10 @@ fn hold(
                 }
             }
             Ok(Message::Close(frame)) => {
-                debug!("[Connection {index}] server sent close: {}", describe_close(&frame));
+                debug!(
+                    "[Connection {index}] server sent close: {}",
+                    describe_close(&frame)
+                );
                 server_close = Some(frame);
                 closing.get_or_insert(Instant::now() + CLOSE_TIMEOUT);
             }
@@ -184,7 +229,9 @@ fn hold(
             Err(WsError::ConnectionClosed | WsError::AlreadyClosed) if shutdown.is_requested() => {
                 return Outcome::Shutdown
             }
-            Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return lost(&server_close, None),
+            Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
+                return lost(&server_close, None)
+            }
             Err(_) if shutdown.is_requested() => return Outcome::Shutdown,
             Err(error) => return lost(&server_close, Some(describe_error(&error))),
         }
@@ -194,7 +241,11 @@ fn hold(
 fn describe_close(frame: &Option<CloseFrame>) -> String {
     match frame {
         Some(frame) if frame.reason.is_empty() => format!("close {}", u16::from(frame.code)),
-        Some(frame) => format!("close {} {:?}", u16::from(frame.code), frame.reason.as_str()),
+        Some(frame) => format!(
+            "close {} {:?}",
+            u16::from(frame.code),
+            frame.reason.as_str()
+        ),
         None => "close without status code".into(),
     }
 }

@@ -32,10 +32,19 @@ pub fn run(config: ClientConfig, shutdown: Shutdown) -> Result<()> {
     let config = Arc::new(config);
     let slots: Arc<[Slot]> = (0..config.connections).map(|_| Mutex::new(None)).collect();
     let (alive, all_finished) = crossbeam_channel::bounded::<()>(0);
-    info!("Starting {} connection(s) to {}", config.connections, config.url());
+    info!(
+        "Starting {} connection(s) to {}",
+        config.connections,
+        config.url()
+    );
     let mut threads = Vec::with_capacity(config.connections as usize);
     for index in 1..=config.connections {
-        let (config, shutdown, slots, alive) = (config.clone(), shutdown.clone(), slots.clone(), alive.clone());
+        let (config, shutdown, slots, alive) = (
+            config.clone(),
+            shutdown.clone(),
+            slots.clone(),
+            alive.clone(),
+        );
         let spawned = thread::Builder::new()
             .name(format!("client-{index}"))
             .stack_size(CONNECTION_STACK_SIZE)
@@ -46,7 +55,10 @@ pub fn run(config: ClientConfig, shutdown: Shutdown) -> Result<()> {
         match spawned {
             Ok(handle) => threads.push(handle),
             Err(error) => {
-                error!("Cannot start a thread for connection {index}: {error}; running {} connections", index - 1);
+                error!(
+                    "Cannot start a thread for connection {index}: {error}; running {} connections",
+                    index - 1
+                );
                 break;
             }
         }
@@ -55,7 +67,12 @@ pub fn run(config: ClientConfig, shutdown: Shutdown) -> Result<()> {
 
     shutdown.wait();
     info!("Shutting down: closing connections");
-    let live = || slots.iter().filter_map(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
+    let live = || {
+        slots
+            .iter()
+            .filter_map(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect()
+    };
     let frame = || close_frame(Role::Client, CloseCode::Normal, "client shutting down");
     let aborted = close_all(live, frame, &all_finished, CLOSE_TIMEOUT, ABORT_GRACE);
     if aborted > 0 {
@@ -64,15 +81,23 @@ pub fn run(config: ClientConfig, shutdown: Shutdown) -> Result<()> {
     // Once `all_finished` has disconnected every thread is past its work and joins at
     // once; otherwise the threads still connecting (a connect or DNS lookup cannot be
     // interrupted) are left to end with the process.
-    let all_done = matches!(all_finished.try_recv(), Err(crossbeam_channel::TryRecvError::Disconnected));
-    let (joinable, unfinished): (Vec<_>, Vec<_>) = threads.into_iter().partition(|t| all_done || t.is_finished());
+    let all_done = matches!(
+        all_finished.try_recv(),
+        Err(crossbeam_channel::TryRecvError::Disconnected)
+    );
+    let (joinable, unfinished): (Vec<_>, Vec<_>) = threads
+        .into_iter()
+        .partition(|t| all_done || t.is_finished());
     for handle in joinable {
         if let Err(panic) = handle.join() {
             std::panic::resume_unwind(panic);
         }
     }
     if !unfinished.is_empty() {
-        info!("{} connection(s) still connecting were abandoned", unfinished.len());
+        info!(
+            "{} connection(s) still connecting were abandoned",
+            unfinished.len()
+        );
     }
     info!("Client stopped");
     Ok(())

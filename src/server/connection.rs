@@ -67,8 +67,12 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
     let _ = tcp.set_write_timeout(Some(context.write_timeout));
 
     let stream = SharedStream::new(tcp);
-    let mut socket =
-        WebSocket::from_partially_read(WsStream(stream.clone()), leftover, Role::Server, Some(context.ws_config));
+    let mut socket = WebSocket::from_partially_read(
+        WsStream(stream.clone()),
+        leftover,
+        Role::Server,
+        Some(context.ws_config),
+    );
     let mut registration = context.registry.register(id, peer, stream.clone());
     let ending = echo(&mut socket, &stream, context);
     if let Ending::Failed { .. } = ending {
@@ -128,7 +132,10 @@ impl Ending {
         };
         let reason = close_reason(code);
         let _ = stream.send_close(&close_frame(Role::Server, code, reason));
-        Ending::Failed { code, error: error.to_string() }
+        Ending::Failed {
+            code,
+            error: error.to_string(),
+        }
     }
 }
 
@@ -143,8 +150,15 @@ fn close_reason(code: CloseCode) -> &'static str {
 impl fmt::Display for Ending {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Ending::Closed(Some(frame)) if frame.reason.is_empty() => write!(f, "close {}", u16::from(frame.code)),
-            Ending::Closed(Some(frame)) => write!(f, "close {} {:?}", u16::from(frame.code), frame.reason.as_str()),
+            Ending::Closed(Some(frame)) if frame.reason.is_empty() => {
+                write!(f, "close {}", u16::from(frame.code))
+            }
+            Ending::Closed(Some(frame)) => write!(
+                f,
+                "close {} {:?}",
+                u16::from(frame.code),
+                frame.reason.as_str()
+            ),
             Ending::Closed(None) => write!(f, "close without status code"),
             Ending::Failed { code, error } => write!(f, "{error}; sent close {}", u16::from(*code)),
             Ending::Dropped(error) => write!(f, "{error}"),

@@ -44,7 +44,12 @@ pub struct Reply {
 
 impl Reply {
     fn new(status: u16, message: &'static str) -> Self {
-        Reply { status, message, headers: "", head_only: false }
+        Reply {
+            status,
+            message,
+            headers: "",
+            head_only: false,
+        }
     }
 
     fn with_headers(self, headers: &'static str) -> Self {
@@ -100,8 +105,13 @@ pub fn decide(buf: &[u8], ws_path: &str) -> Decision {
     if path == "/" && path != ws_path {
         return match method {
             "GET" => Decision::Reply(Reply::new(200, "ok")),
-            "HEAD" => Decision::Reply(Reply { head_only: true, ..Reply::new(200, "ok") }),
-            _ => Decision::Reply(Reply::new(405, "method not allowed").with_headers("Allow: GET, HEAD\r\n")),
+            "HEAD" => Decision::Reply(Reply {
+                head_only: true,
+                ..Reply::new(200, "ok")
+            }),
+            _ => Decision::Reply(
+                Reply::new(405, "method not allowed").with_headers("Allow: GET, HEAD\r\n"),
+            ),
         };
     }
     if path != ws_path {
@@ -124,7 +134,10 @@ pub fn decide(buf: &[u8], ws_path: &str) -> Decision {
 /// Checks the headers RFC 6455 §4.2.1 requires and returns the `Sec-WebSocket-Key`.
 fn check_upgrade<'h>(headers: &[httparse::Header<'h>]) -> Result<&'h str, Reply> {
     let values = |name: &'static str| {
-        headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+        headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
     };
     let has_token = |name: &'static str, token: &str| {
         values(name).any(|value| {
@@ -137,15 +150,24 @@ fn check_upgrade<'h>(headers: &[httparse::Header<'h>]) -> Result<&'h str, Reply>
         return Err(Reply::new(400, "missing Host header"));
     }
     if !has_token("Upgrade", "websocket") {
-        return Err(Reply::new(400, "not a WebSocket upgrade: missing 'Upgrade: websocket' header"));
+        return Err(Reply::new(
+            400,
+            "not a WebSocket upgrade: missing 'Upgrade: websocket' header",
+        ));
     }
     if !has_token("Connection", "upgrade") {
-        return Err(Reply::new(400, "not a WebSocket upgrade: missing 'Connection: Upgrade' header"));
+        return Err(Reply::new(
+            400,
+            "not a WebSocket upgrade: missing 'Connection: Upgrade' header",
+        ));
     }
     let mut versions = values("Sec-WebSocket-Version");
     if versions.next().map(<[u8]>::trim_ascii) != Some(b"13") || versions.next().is_some() {
-        return Err(Reply::new(426, "unsupported Sec-WebSocket-Version: only 13 is supported")
-            .with_headers("Sec-WebSocket-Version: 13\r\n"));
+        return Err(Reply::new(
+            426,
+            "unsupported Sec-WebSocket-Version: only 13 is supported",
+        )
+        .with_headers("Sec-WebSocket-Version: 13\r\n"));
     }
     let mut keys = values("Sec-WebSocket-Key");
     match (keys.next(), keys.next()) {
@@ -153,7 +175,10 @@ fn check_upgrade<'h>(headers: &[httparse::Header<'h>]) -> Result<&'h str, Reply>
             Ok(std::str::from_utf8(key.trim_ascii()).expect("checked to be base64"))
         }
         (None, _) => Err(Reply::new(400, "missing Sec-WebSocket-Key header")),
-        _ => Err(Reply::new(400, "invalid Sec-WebSocket-Key: must be 16 bytes in base64")),
+        _ => Err(Reply::new(
+            400,
+            "invalid Sec-WebSocket-Key: must be 16 bytes in base64",
+        )),
     }
 }
 
@@ -161,7 +186,9 @@ fn check_upgrade<'h>(headers: &[httparse::Header<'h>]) -> Result<&'h str, Reply>
 fn is_valid_key(key: &[u8]) -> bool {
     key.len() == 24
         && key.ends_with(b"==")
-        && key[..22].iter().all(|&c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+        && key[..22]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
 }
 
 fn reason_phrase(status: u16) -> &'static str {
@@ -206,13 +233,19 @@ pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<H
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "no complete request within the handshake timeout"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no complete request within the handshake timeout",
+            ));
         }
         tcp.set_read_timeout(Some(left))?;
         let room = (MAX_HEAD_SIZE - buf.len()).min(chunk.len());
         let n = match (&*tcp).read(&mut chunk[..room]) {
             Ok(0) => {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before completing the request"))
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before completing the request",
+                ))
             }
             Ok(n) => n,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -222,7 +255,10 @@ pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<H
         buf.extend_from_slice(&chunk[..n]);
         match decide(&buf, ws_path) {
             Decision::NeedMore => {}
-            Decision::Upgrade { head_len, accept_key } => {
+            Decision::Upgrade {
+                head_len,
+                accept_key,
+            } => {
                 let response = format!(
                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
                 );
@@ -233,7 +269,10 @@ pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<H
             }
             Decision::Reply(reply) => {
                 (&*tcp).write_all(&reply.to_bytes())?;
-                return Ok(Handshake::Answered { status: reply.status, message: reply.message });
+                return Ok(Handshake::Answered {
+                    status: reply.status,
+                    message: reply.message,
+                });
             }
         }
     }
@@ -266,7 +305,10 @@ mod tests {
         let with_data = format!("{request}\u{81}");
         assert_eq!(
             decide(with_data.as_bytes(), "/ws"),
-            Decision::Upgrade { head_len: request.len(), accept_key: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into() }
+            Decision::Upgrade {
+                head_len: request.len(),
+                accept_key: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into()
+            }
         );
     }
 
@@ -281,7 +323,10 @@ mod tests {
         assert_eq!(status("\u{16}\u{3}\u{1}garbage\r\n\r\n"), 400);
         assert_eq!(status(&upgrade_request("").replace("13", "8")), 426);
         assert_eq!(status(&upgrade_request("").replace(KEY, "short")), 400);
-        assert_eq!(status(&upgrade_request(&format!("Sec-WebSocket-Key: {KEY}\r\n"))), 400);
+        assert_eq!(
+            status(&upgrade_request(&format!("Sec-WebSocket-Key: {KEY}\r\n"))),
+            400
+        );
         assert_eq!(status(&upgrade_request("").replace("Host: x\r\n", "")), 400);
         let huge = format!("GET /ws HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD_SIZE));
         assert_eq!(status(&huge), 431);
@@ -289,7 +334,9 @@ mod tests {
 
     #[test]
     fn replies_carry_a_status_line_and_one_line_reason() {
-        let bytes = Reply::new(426, "only 13").with_headers("Sec-WebSocket-Version: 13\r\n").to_bytes();
+        let bytes = Reply::new(426, "only 13")
+            .with_headers("Sec-WebSocket-Version: 13\r\n")
+            .to_bytes();
         let text = String::from_utf8(bytes).unwrap();
         assert!(text.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
         assert!(text.contains("\r\nSec-WebSocket-Version: 13\r\n"));

@@ -80,8 +80,18 @@ impl Server {
     /// Serves until `shutdown` is requested, then closes every connection with 1001 and
     /// waits up to the shutdown timeout for them to finish.
     pub fn run(self, shutdown: Shutdown) -> Result<()> {
-        let Server { config, listener, local_addr, metrics_listener, metrics_addr, metrics } = self;
-        let registry = Registry::new(metrics.connections.clone(), metrics.connections_total.clone());
+        let Server {
+            config,
+            listener,
+            local_addr,
+            metrics_listener,
+            metrics_addr,
+            metrics,
+        } = self;
+        let registry = Registry::new(
+            metrics.connections.clone(),
+            metrics.connections_total.clone(),
+        );
         let metrics_server = MetricsServer::start(metrics_listener, metrics.clone())?;
         let context = Arc::new(Context {
             ws_path: config.path.clone(),
@@ -106,7 +116,8 @@ impl Server {
             move || accept_loop(&listener, &context, alive)
         })?;
         let reporter = spawn("reporter", {
-            let (registry, shutdown, interval) = (registry.clone(), shutdown.clone(), config.log_interval);
+            let (registry, shutdown, interval) =
+                (registry.clone(), shutdown.clone(), config.log_interval);
             move || report(&registry, &shutdown, interval)
         })?;
         info!("Listening on ws://{local_addr}{}", config.path);
@@ -116,15 +127,34 @@ impl Server {
         let entries = registry.entries();
         info!("Shutting down: closing {} connections", entries.len());
         for (id, entry) in &entries {
-            debug!("closing conn-{id} {} (up {:.1}s)", entry.peer, entry.connected_at.elapsed().as_secs_f64());
+            debug!(
+                "closing conn-{id} {} (up {:.1}s)",
+                entry.peer,
+                entry.connected_at.elapsed().as_secs_f64()
+            );
         }
         metrics_server.set_not_ready();
         net::wake_acceptor(local_addr);
         join(acceptor);
-        let live = || registry.entries().into_iter().map(|(_, entry)| entry.stream).collect();
-        let aborted = close_all(live, || context.going_away.to_vec(), &all_finished, config.shutdown_timeout, ABORT_GRACE);
+        let live = || {
+            registry
+                .entries()
+                .into_iter()
+                .map(|(_, entry)| entry.stream)
+                .collect()
+        };
+        let aborted = close_all(
+            live,
+            || context.going_away.to_vec(),
+            &all_finished,
+            config.shutdown_timeout,
+            ABORT_GRACE,
+        );
         if aborted > 0 {
-            warn!("{aborted} connections did not close within {:?}; dropped them", config.shutdown_timeout);
+            warn!(
+                "{aborted} connections did not close within {:?}; dropped them",
+                config.shutdown_timeout
+            );
         }
         join(reporter);
         metrics_server.stop();

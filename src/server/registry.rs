@@ -35,7 +35,11 @@ impl Registry {
     /// An empty registry that mirrors its size into `gauge` and counts into `accepted`.
     pub fn new(gauge: IntGauge, accepted: IntCounter) -> Self {
         gauge.set(0);
-        Registry { connections: Arc::default(), gauge, accepted }
+        Registry {
+            connections: Arc::default(),
+            gauge,
+            accepted,
+        }
     }
 
     /// Adds a connection and logs `Connected: PEER`; it stays until the guard drops.
@@ -43,12 +47,25 @@ impl Registry {
         let connected_at = Instant::now();
         {
             let mut connections = self.write();
-            connections.insert(id, Entry { peer, connected_at, stream });
+            connections.insert(
+                id,
+                Entry {
+                    peer,
+                    connected_at,
+                    stream,
+                },
+            );
             self.gauge.set(connections.len() as i64);
         }
         self.accepted.inc();
         info!("Connected: {peer}");
-        Registration { registry: self.clone(), id, peer, connected_at, ending: None }
+        Registration {
+            registry: self.clone(),
+            id,
+            peer,
+            connected_at,
+            ending: None,
+        }
     }
 
     /// Number of live connections.
@@ -58,15 +75,22 @@ impl Registry {
 
     /// A copy of the live connections.
     pub fn entries(&self) -> Vec<(u64, Entry)> {
-        self.read().iter().map(|(id, entry)| (*id, entry.clone())).collect()
+        self.read()
+            .iter()
+            .map(|(id, entry)| (*id, entry.clone()))
+            .collect()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, HashMap<u64, Entry>> {
-        self.connections.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.connections
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, HashMap<u64, Entry>> {
-        self.connections.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.connections
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -93,7 +117,10 @@ impl Drop for Registration {
             connections.remove(&self.id);
             self.registry.gauge.set(connections.len() as i64);
         }
-        let ending = self.ending.as_deref().unwrap_or("connection thread panicked");
+        let ending = self
+            .ending
+            .as_deref()
+            .unwrap_or("connection thread panicked");
         let lived = self.connected_at.elapsed().as_secs_f64();
         info!("Disconnected: {} ({ending}, after {lived:.1}s)", self.peer);
     }
