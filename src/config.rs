@@ -70,9 +70,31 @@ pub struct ServerConfig {
     #[arg(long, env = "WEBSOCKET_TEST_MAX_FRAME_SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_frame_size: usize,
 
+    /// Most connections held at once; beyond it new ones get 503 [default: what the OS
+    /// limits allow, computed at start-up and logged]
+    #[arg(long, env = "WEBSOCKET_TEST_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+
+    /// Send each client a ping this often [default: off]
+    #[arg(long, env = "WEBSOCKET_TEST_SERVER_PING_INTERVAL", value_parser = parse_interval)]
+    pub server_ping_interval: Option<Duration>,
+
+    /// Close a connection that sends nothing (no message, no pong) for this long
+    /// [default: off; twice the server ping interval when that is set]
+    #[arg(long, env = "WEBSOCKET_TEST_IDLE_TIMEOUT", value_parser = parse_interval)]
+    pub idle_timeout: Option<Duration>,
+
     /// Log level: error, warn, info, debug or trace
     #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info")]
     pub log_level: LevelFilter,
+}
+
+impl ServerConfig {
+    /// The idle timeout in force: the flag, else twice the server ping interval, else none.
+    pub fn effective_idle_timeout(&self) -> Option<Duration> {
+        self.idle_timeout
+            .or(self.server_ping_interval.map(|interval| interval * 2))
+    }
 }
 
 /// Configuration of the `client` binary.

@@ -19,6 +19,9 @@ pub struct Metrics {
     pub connections_total: IntCounter,
     /// `websocket_handshake_failures_total`: upgrade requests answered with an error.
     pub handshake_failures: IntCounter,
+    /// `websocket_connections_rejected_total`: connections refused with 503 (at the
+    /// connection ceiling, or when the OS refused a thread).
+    pub connections_rejected: IntCounter,
 }
 
 impl Metrics {
@@ -40,10 +43,16 @@ impl Metrics {
             "Requests to the WebSocket port that did not become a WebSocket connection",
         )
         .expect("valid metric");
+        let connections_rejected = IntCounter::new(
+            "websocket_connections_rejected_total",
+            "Connections refused with 503: at the connection ceiling or without a thread",
+        )
+        .expect("valid metric");
         for metric in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
             Box::new(handshake_failures.clone()),
+            Box::new(connections_rejected.clone()),
         ] {
             registry.register(metric).expect("metric names are unique");
         }
@@ -58,6 +67,7 @@ impl Metrics {
             connections,
             connections_total,
             handshake_failures,
+            connections_rejected,
         }
     }
 

@@ -48,19 +48,19 @@ pub fn is_timeout(error: &io::Error) -> bool {
     )
 }
 
-/// How long [`close_gracefully`] waits for the peer to finish sending.
+/// How long [`close_gracefully`] usually waits for the peer to finish sending.
 pub const LINGER: Duration = Duration::from_secs(1);
 
 /// Closes our side after a final message (an HTTP error or a Close frame) so the peer can
 /// read it: half-close, then discard what the peer still sends until it closes too, for at
-/// most [`LINGER`]. Closing with unread input would make the kernel send a reset, and a
+/// most `linger`. Closing with unread input would make the kernel send a reset, and a
 /// reset can destroy the final message before the peer reads it.
-pub fn close_gracefully(tcp: &TcpStream) {
+pub fn close_gracefully(tcp: &TcpStream, linger: Duration) {
     use std::io::Read;
     if tcp.shutdown(std::net::Shutdown::Write).is_err() {
         return;
     }
-    let deadline = std::time::Instant::now() + LINGER;
+    let deadline = std::time::Instant::now() + linger;
     let mut sink = [0u8; 4096];
     let mut budget = 1usize << 20;
     while budget > 0 {

@@ -120,6 +120,11 @@ impl Write for WsStream {
         // Close frame from another thread from landing inside one.
         if let Err(error) = (&self.0.tcp).write_all(buf) {
             writer.done = true;
+            // A write timeout surfaces as WouldBlock, which the owner would take for a
+            // read-timeout tick; this error ends the connection instead.
+            if crate::net::is_timeout(&error) {
+                return Err(io::Error::other("write timed out: the peer is not reading"));
+            }
             return Err(error);
         }
         Ok(buf.len())

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info};
 use tungstenite::error::{CapacityError, ProtocolError};
@@ -36,6 +36,32 @@ pub struct Context {
     pub shutdown: Shutdown,
     /// The Close frame sent to every client at shutdown.
     pub going_away: Arc<[u8]>,
+    /// Server-side pings and the idle timeout.
+    pub keepalive: Keepalive,
+}
+
+/// Server-side liveness checks, both off by default: an idle connection then blocks in
+/// `read` with no timeout at all.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Keepalive {
+    /// Send a ping this often.
+    pub ping_interval: Option<Duration>,
+    /// Close a connection the client has sent nothing on (not even a pong) for this long.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Keepalive {
+    /// The socket read timeout that wakes the thread to check: the ping interval, or a
+    /// quarter of the idle timeout (so it is enforced within 25%), whichever is shorter.
+    fn tick(&self) -> Option<Duration> {
+        let idle_tick = self
+            .idle_timeout
+            .map(|idle| (idle / 4).max(Duration::from_millis(1)));
+        match (self.ping_interval, idle_tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// Serves one accepted socket until it closes.
@@ -50,7 +76,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
             } else {
                 debug!("Answered {peer}: {status} {message}");
             }
-            net::close_gracefully(&tcp);
+            net::close_gracefully(&tcp, net::LINGER);
             return;
         }
         Err(error) => {
@@ -65,6 +91,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
     };
     // A client that stops reading must not hold this thread forever.
     let _ = tcp.set_write_timeout(Some(context.write_timeout));
+    let _ = tcp.set_read_timeout(context.keepalive.tick());
 
     let stream = SharedStream::new(tcp);
     let mut socket = WebSocket::from_partially_read(
@@ -76,13 +103,20 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
     let mut registration = context.registry.register(id, peer, stream.clone());
     let ending = echo(&mut socket, &stream, context);
     if let Ending::Failed { .. } = ending {
-        net::close_gracefully(stream.tcp());
+        net::close_gracefully(stream.tcp(), net::LINGER);
     }
     registration.set_ending(ending.to_string());
 }
 
 /// Echoes every data message back with its type until the connection ends.
 fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Context) -> Ending {
+    let Keepalive {
+        ping_interval,
+        idle_timeout,
+    } = context.keepalive;
+    let mut last_heard = Instant::now();
+    let mut next_ping = ping_interval.map(|interval| last_heard + interval);
+    let mut pings_sent: u64 = 0;
     let mut peer_close = None;
     loop {
         if context.shutdown.is_requested() {
@@ -90,6 +124,7 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
         }
         match socket.read() {
             Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
+                last_heard = Instant::now();
                 debug!("echo {} bytes", message.len());
                 if let Err(error) = socket.send(message) {
                     return Ending::from_error(error, stream);
@@ -97,9 +132,33 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
             }
             Ok(Message::Close(frame)) => peer_close = Some(frame),
             // tungstenite queues the pong and sends it before the next read.
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {
+                last_heard = Instant::now()
+            }
+            Err(WsError::Io(error)) if net::is_timeout(&error) => {}
             Err(WsError::ConnectionClosed) => return Ending::Closed(peer_close.flatten()),
             Err(error) => return Ending::from_error(error, stream),
+        }
+
+        let now = Instant::now();
+        if let Some(idle) = idle_timeout.filter(|idle| now.duration_since(last_heard) >= *idle) {
+            let reason = "idle timeout";
+            let _ = stream.send_close(&close_frame(Role::Server, CloseCode::Away, reason));
+            return Ending::Failed {
+                code: CloseCode::Away,
+                error: format!("nothing received for {idle:?}"),
+            };
+        }
+        if let (Some(interval), Some(due)) = (ping_interval, next_ping) {
+            if now >= due && socket.can_write() {
+                pings_sent += 1;
+                if let Err(error) =
+                    socket.send(Message::Ping(pings_sent.to_be_bytes().to_vec().into()))
+                {
+                    return Ending::from_error(error, stream);
+                }
+                next_ping = Some(now + interval);
+            }
         }
     }
 }

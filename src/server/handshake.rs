@@ -52,6 +52,12 @@ impl Reply {
         }
     }
 
+    /// 503 with `Retry-After`: the server cannot take another connection now.
+    pub fn service_unavailable() -> Self {
+        Reply::new(503, "server at its connection limit, retry later")
+            .with_headers("Retry-After: 5\r\n")
+    }
+
     fn with_headers(self, headers: &'static str) -> Self {
         Reply { headers, ..self }
     }

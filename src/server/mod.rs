@@ -4,6 +4,8 @@
 //! `reporter` (logs the connection count), `metrics-http` (Prometheus endpoint), and the
 //! caller's thread, which waits for shutdown and then drains the connections.
 
+mod acceptor;
+pub mod capacity;
 mod connection;
 pub mod handshake;
 mod registry;
@@ -13,8 +15,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crossbeam_channel::{select, Sender};
-use log::{debug, error, info, warn};
+use crossbeam_channel::select;
+use log::{debug, info, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
@@ -24,17 +26,14 @@ use crate::metrics::{Metrics, MetricsServer};
 use crate::net;
 use crate::shutdown::Shutdown;
 use crate::stream::{close_all, close_frame};
-use connection::Context;
+use capacity::Capacity;
+use connection::{Context, Keepalive};
 use registry::Registry;
 
-/// Stack of a connection thread. The echo loop needs little stack, and a small one keeps
-/// thousands of threads cheap; the kernel maps only the pages a thread touches.
-pub const CONNECTION_STACK_SIZE: usize = 64 * 1024;
+pub use acceptor::CONNECTION_STACK_SIZE;
 /// tungstenite's read chunk per connection (its default, 128 KiB, would be resident per
 /// connection as soon as it first reads).
 pub const READ_BUFFER_SIZE: usize = 4096;
-/// Backoff bounds after a failed `accept` (EMFILE and friends repeat until a socket closes).
-const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 /// After the shutdown timeout, how long to wait for the aborted connections' threads.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
 
@@ -106,14 +105,24 @@ impl Server {
             metrics,
             shutdown: shutdown.clone(),
             going_away: close_frame(Role::Server, CloseCode::Away, "server shutting down").into(),
+            keepalive: Keepalive {
+                ping_interval: config.server_ping_interval,
+                idle_timeout: config.effective_idle_timeout(),
+            },
         });
+        let capacity = Capacity::detect(
+            config
+                .max_connections
+                .map(|max| max.min(usize::MAX as u64) as usize),
+        );
+        info!("Connection ceiling: {capacity}");
 
         // Every connection thread holds a clone of `alive`; the channel disconnects when
         // the last one has finished.
         let (alive, all_finished) = crossbeam_channel::bounded::<()>(0);
         let acceptor = spawn("acceptor", {
             let context = context.clone();
-            move || accept_loop(&listener, &context, alive)
+            move || acceptor::accept_loop(&listener, &context, capacity.ceiling, alive)
         })?;
         let reporter = spawn("reporter", {
             let (registry, shutdown, interval) =
@@ -160,43 +169,6 @@ impl Server {
         metrics_server.stop();
         info!("Server stopped");
         Ok(())
-    }
-}
-
-fn accept_loop(listener: &TcpListener, context: &Arc<Context>, alive: Sender<()>) {
-    let mut next_id: u64 = 0;
-    let mut backoff = ACCEPT_BACKOFF.0;
-    loop {
-        match listener.accept() {
-            Ok((tcp, peer)) => {
-                if context.shutdown.is_requested() {
-                    return;
-                }
-                backoff = ACCEPT_BACKOFF.0;
-                next_id += 1;
-                let id = next_id;
-                let (context, alive) = (context.clone(), alive.clone());
-                let spawned = thread::Builder::new()
-                    .name(format!("conn-{id}"))
-                    .stack_size(CONNECTION_STACK_SIZE)
-                    .spawn(move || {
-                        let _alive = alive;
-                        connection::run(id, tcp, peer, &context);
-                    });
-                if let Err(error) = spawned {
-                    warn!("Cannot start a thread for {peer}: {error}; connection refused");
-                }
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(error) if error.kind() == std::io::ErrorKind::ConnectionAborted => {}
-            Err(error) => {
-                error!("accept failed: {error}; retrying in {backoff:?}");
-                if context.shutdown.wait_timeout(backoff) {
-                    return;
-                }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
-            }
-        }
     }
 }
 

@@ -1,0 +1,141 @@
+//! The accept loop: admits each socket to a `conn-N` thread of its own, or, past the
+//! connection ceiling or when the OS refuses a thread, hands it to the `rejecter`, which
+//! answers 503 without a thread per socket.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use log::{debug, error, warn};
+
+use super::connection::{self, Context};
+use super::handshake::Reply;
+use crate::net;
+
+/// Stack of a connection thread. The echo loop needs little stack, and a small one keeps
+/// thousands of threads cheap; the kernel maps only the pages a thread touches.
+pub const CONNECTION_STACK_SIZE: usize = 64 * 1024;
+/// Backoff bounds after a failed `accept` (EMFILE and friends repeat until a socket closes).
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+/// Sockets waiting for their 503; beyond this a refused socket is simply closed.
+const REJECT_QUEUE: usize = 1024;
+/// How long the rejecter waits for a refused client's request and for it to hang up.
+const REJECT_LINGER: Duration = Duration::from_millis(100);
+
+/// Runs the accept loop until shutdown. `alive` is cloned into every connection thread.
+pub fn accept_loop(
+    listener: &TcpListener,
+    context: &Arc<Context>,
+    ceiling: usize,
+    alive: Sender<()>,
+) {
+    let live_threads = Arc::new(AtomicUsize::new(0));
+    let (refuse, refused) = crossbeam_channel::bounded(REJECT_QUEUE);
+    let rejecter = thread::Builder::new().name("rejecter".into()).spawn({
+        let metrics = context.metrics.clone();
+        move || reject_all(&refused, &metrics.connections_rejected)
+    });
+    if let Err(error) = &rejecter {
+        error!("cannot start the rejecter thread: {error}; refused sockets will be closed without a 503");
+    }
+    let mut next_id: u64 = 0;
+    let mut backoff = ACCEPT_BACKOFF.0;
+    loop {
+        let (tcp, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionAborted => continue,
+            Err(error) => {
+                error!("accept failed: {error}; retrying in {backoff:?}");
+                if context.shutdown.wait_timeout(backoff) {
+                    break;
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                continue;
+            }
+        };
+        if context.shutdown.is_requested() {
+            break;
+        }
+        backoff = ACCEPT_BACKOFF.0;
+        if live_threads.load(Ordering::SeqCst) >= ceiling {
+            refuse_socket(&refuse, tcp, peer, "connection limit reached");
+            continue;
+        }
+        next_id += 1;
+        let id = next_id;
+        live_threads.fetch_add(1, Ordering::SeqCst);
+        let thread_guard = ThreadCount(live_threads.clone());
+        let (context, alive) = (context.clone(), alive.clone());
+        // The socket goes in through a channel so that it can be taken back if the spawn fails.
+        let (hand_over, take) = crossbeam_channel::bounded(1);
+        hand_over.send(tcp).expect("the channel has room");
+        let take_back = take.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .stack_size(CONNECTION_STACK_SIZE)
+            .spawn(move || {
+                let (_alive, _counted) = (alive, thread_guard);
+                if let Ok(tcp) = take.try_recv() {
+                    connection::run(id, tcp, peer, &context);
+                }
+            });
+        if let Err(error) = spawned {
+            warn!("Cannot start a thread for {peer}: {error}");
+            if let Ok(tcp) = take_back.try_recv() {
+                refuse_socket(&refuse, tcp, peer, "cannot start a thread");
+            }
+        }
+    }
+    drop(refuse);
+    if let Ok(rejecter) = rejecter {
+        let _ = rejecter.join();
+    }
+}
+
+/// Counts a live connection thread until dropped.
+struct ThreadCount(Arc<AtomicUsize>);
+
+impl Drop for ThreadCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn refuse_socket(
+    refuse: &Sender<(TcpStream, SocketAddr, &'static str)>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    why: &'static str,
+) {
+    match refuse.try_send((tcp, peer, why)) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            debug!("Refused {peer} ({why}); too many refusals queued, closed without a response")
+        }
+    }
+}
+
+/// Answers each refused socket with 503 and `Retry-After`, one at a time.
+fn reject_all(
+    refused: &Receiver<(TcpStream, SocketAddr, &'static str)>,
+    counter: &prometheus::IntCounter,
+) {
+    let reply = Reply::service_unavailable().to_bytes();
+    for (tcp, peer, why) in refused {
+        counter.inc();
+        warn!("Refused {peer}: {why}; answered 503");
+        // Read the request first: closing with it unread would reset the connection and
+        // could destroy the 503 before the client reads it.
+        let _ = tcp.set_read_timeout(Some(REJECT_LINGER));
+        let _ = tcp.set_write_timeout(Some(REJECT_LINGER));
+        let _ = (&tcp).read(&mut [0u8; 4096]);
+        if (&tcp).write_all(&reply).is_ok() {
+            net::close_gracefully(&tcp, REJECT_LINGER);
+        }
+    }
+}
