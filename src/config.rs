@@ -305,3 +305,50 @@ mod tests {
         ClientConfig::command().debug_assert();
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn durations_round_trip(value in 0u64..1_000_000, unit in prop_oneof!["ms", "s", "m", "h", ""]) {
+            let millis = match unit.as_str() { "ms" => value, "m" => value * 60_000, "h" => value * 3_600_000, _ => value * 1000 };
+            prop_assert_eq!(parse_duration(&format!("{value}{unit}")), Ok(Duration::from_millis(millis)));
+        }
+
+        #[test]
+        fn any_text_parses_or_explains(text in "\\PC{0,24}") {
+            if let Err(message) = parse_duration(&text) {
+                prop_assert!(message.starts_with("invalid duration"));
+            }
+            if let Err(message) = parse_size(&text) {
+                prop_assert!(message.starts_with("invalid size"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod corpus {
+    use super::*;
+
+    /// Replays the fuzzing corpus (fuzz/corpus/config) with the fuzz target's checks.
+    #[test]
+    fn fuzz_corpus_regressions() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/config");
+        for entry in std::fs::read_dir(dir).expect("the corpus is in the repository") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            let Ok(text) = std::str::from_utf8(&data) else {
+                continue;
+            };
+            if let Err(message) = parse_duration(text) {
+                assert!(message.starts_with("invalid duration"));
+            }
+            if let Err(message) = parse_size(text) {
+                assert!(message.starts_with("invalid size"));
+            }
+        }
+    }
+}

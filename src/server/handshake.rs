@@ -349,3 +349,100 @@ mod tests {
         assert!(text.ends_with("\r\n\r\nonly 13\n"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const PATH: &str = "/ws";
+
+    fn header_line() -> impl Strategy<Value = String> {
+        ("[A-Za-z-]{1,20}", "[ -~]{0,40}").prop_map(|(name, value)| format!("{name}: {value}\r\n"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Any bytes at all: a decision, never a panic, and never an upgrade for garbage
+        /// that lacks the required headers.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            if let Decision::Upgrade { head_len, .. } = decide(&bytes, PATH) {
+                prop_assert!(head_len <= bytes.len());
+            }
+        }
+
+        /// Request-shaped input: every reply is a real status line with a one-line body.
+        #[test]
+        fn requests_get_a_status_line(
+            method in "(GET|POST|HEAD|PUT|[A-Z]{1,8})",
+            path in "/[a-z/]{0,10}",
+            headers in proptest::collection::vec(header_line(), 0..12),
+        ) {
+            let request = format!("{method} {path} HTTP/1.1\r\n{}\r\n", headers.concat());
+            match decide(request.as_bytes(), PATH) {
+                Decision::Reply(reply) => {
+                    let text = String::from_utf8(reply.to_bytes()).unwrap();
+                    let status_line = format!("HTTP/1.1 {} ", reply.status);
+                    prop_assert!(text.starts_with(&status_line), "{}", text);
+                    prop_assert!(!reply.message.contains('\n'));
+                }
+                Decision::Upgrade { head_len, .. } => prop_assert_eq!(head_len, request.len()),
+                Decision::NeedMore => prop_assert!(false, "a complete head needs no more bytes"),
+            }
+        }
+
+        /// A valid upgrade split anywhere needs more bytes until the head is complete, and
+        /// extra headers in any case never stop it from upgrading.
+        #[test]
+        fn valid_upgrades_upgrade_at_any_split(
+            split in 0usize..200,
+            extra in proptest::collection::vec(header_line(), 0..6),
+        ) {
+            let extra: String = extra.into_iter()
+                .filter(|line| !line.to_ascii_lowercase().starts_with("sec-websocket") && !line.to_ascii_lowercase().starts_with("host:") && !line.to_ascii_lowercase().starts_with("upgrade:") && !line.to_ascii_lowercase().starts_with("connection:"))
+                .collect();
+            let request = format!(
+                "GET /ws?x=1 HTTP/1.1\r\nhost: a\r\n{extra}UPGRADE: WebSocket\r\nconnection: Upgrade\r\n\
+                 sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            );
+            let split = split.min(request.len() - 1);
+            prop_assert_eq!(decide(&request.as_bytes()[..split], PATH), Decision::NeedMore);
+            let upgraded = matches!(decide(request.as_bytes(), PATH), Decision::Upgrade { .. });
+            prop_assert!(upgraded);
+        }
+    }
+}
+
+#[cfg(test)]
+mod corpus {
+    use super::*;
+
+    /// Replays the fuzzing corpus (fuzz/corpus/handshake) with the fuzz target's checks.
+    #[test]
+    fn fuzz_corpus_regressions() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/handshake");
+        let mut replayed = 0;
+        for entry in std::fs::read_dir(dir).expect("the corpus is in the repository") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            match decide(&data, "/ws") {
+                Decision::Upgrade {
+                    head_len,
+                    accept_key,
+                } => {
+                    assert!(head_len <= data.len());
+                    assert_eq!(accept_key.len(), 28);
+                }
+                Decision::Reply(reply) => {
+                    assert!(reply
+                        .to_bytes()
+                        .starts_with(format!("HTTP/1.1 {} ", reply.status).as_bytes()))
+                }
+                Decision::NeedMore => assert!(data.len() < MAX_HEAD_SIZE),
+            }
+            replayed += 1;
+        }
+        assert!(replayed >= 10, "only {replayed} corpus files");
+    }
+}
