@@ -70,11 +70,6 @@ impl SharedStream {
         Some(sent)
     }
 
-    /// Whether our Close frame has gone out (or the stream can no longer be written).
-    pub fn close_sent(&self) -> bool {
-        self.lock().done
-    }
-
     /// Shuts the socket down in both directions: blocked reads and writes return at once.
     pub fn abort(&self) {
         let _ = self.tcp.shutdown(Shutdown::Both);
@@ -172,7 +167,9 @@ pub fn close_all(
     for stream in &left {
         stream.abort();
     }
-    let _ = finished.recv_timeout(grace);
+    if !left.is_empty() {
+        let _ = finished.recv_timeout(grace);
+    }
     left.len()
 }
 

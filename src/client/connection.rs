@@ -159,7 +159,7 @@ fn hold(
 
     loop {
         let now = Instant::now();
-        if shutdown.is_requested() && !stream.close_sent() {
+        if shutdown.is_requested() && closing.is_none() {
             let _ = stream.send_close(&close_frame(
                 Role::Client,
                 CloseCode::Normal,

@@ -67,7 +67,14 @@ impl Keepalive {
 /// Serves one accepted socket until it closes.
 pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
     let _ = tcp.set_nodelay(true);
-    let leftover = match handshake::accept(&tcp, &context.ws_path, context.handshake_timeout) {
+    let stream = SharedStream::new(tcp);
+    let tcp = stream.tcp();
+    // Listed while the request is read, so shutdown can cut a slow or silent client short.
+    let handshaking = context.registry.begin_handshake(id, stream.clone());
+    if context.shutdown.is_requested() {
+        return;
+    }
+    let leftover = match handshake::accept(tcp, &context.ws_path, context.handshake_timeout) {
         Ok(Handshake::Upgraded { leftover }) => leftover,
         Ok(Handshake::Answered { status, message }) => {
             if status >= 400 {
@@ -76,7 +83,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
             } else {
                 debug!("Answered {peer}: {status} {message}");
             }
-            net::close_gracefully(&tcp, net::LINGER);
+            net::close_gracefully(tcp, net::LINGER);
             return;
         }
         Err(error) => {
@@ -89,11 +96,11 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
             return;
         }
     };
+    drop(handshaking);
     // A client that stops reading must not hold this thread forever.
     let _ = tcp.set_write_timeout(Some(context.write_timeout));
     let _ = tcp.set_read_timeout(context.keepalive.tick());
 
-    let stream = SharedStream::new(tcp);
     let mut socket = WebSocket::from_partially_read(
         WsStream(stream.clone()),
         leftover,

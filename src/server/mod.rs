@@ -142,9 +142,14 @@ impl Server {
                 entry.connected_at.elapsed().as_secs_f64()
             );
         }
+        drop(entries); // holding their streams would keep finished connections' sockets open
         metrics_server.set_not_ready();
         net::wake_acceptor(local_addr);
         join(acceptor);
+        let cut_short = registry.abort_handshakes();
+        if cut_short > 0 {
+            info!("Closed {cut_short} sockets that had not finished their upgrade request");
+        }
         let live = || {
             registry
                 .entries()

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use log::info;
@@ -27,6 +27,8 @@ pub struct Entry {
 #[derive(Clone)]
 pub struct Registry {
     connections: Arc<RwLock<HashMap<u64, Entry>>>,
+    /// Sockets still sending their opening request (not counted as connections).
+    handshaking: Arc<Mutex<HashMap<u64, Arc<SharedStream>>>>,
     gauge: IntGauge,
     accepted: IntCounter,
 }
@@ -37,6 +39,7 @@ impl Registry {
         gauge.set(0);
         Registry {
             connections: Arc::default(),
+            handshaking: Arc::default(),
             gauge,
             accepted,
         }
@@ -68,6 +71,31 @@ impl Registry {
         }
     }
 
+    /// Lists a socket whose opening request is being read, until the guard drops.
+    pub fn begin_handshake(&self, id: u64, stream: Arc<SharedStream>) -> Handshaking {
+        self.lock_handshaking().insert(id, stream);
+        Handshaking {
+            registry: self.clone(),
+            id,
+        }
+    }
+
+    /// Shuts down every socket still in its handshake (at server shutdown): their threads
+    /// wake at once instead of at the handshake timeout.
+    pub fn abort_handshakes(&self) -> usize {
+        let handshaking = self.lock_handshaking();
+        for stream in handshaking.values() {
+            stream.abort();
+        }
+        handshaking.len()
+    }
+
+    fn lock_handshaking(&self) -> MutexGuard<'_, HashMap<u64, Arc<SharedStream>>> {
+        self.handshaking
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Number of live connections.
     pub fn len(&self) -> usize {
         self.read().len()
@@ -91,6 +119,18 @@ impl Registry {
         self.connections
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Removes a socket from the handshake list when dropped.
+pub struct Handshaking {
+    registry: Registry,
+    id: u64,
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.registry.lock_handshaking().remove(&self.id);
     }
 }
 

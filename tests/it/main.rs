@@ -1,1 +1,5 @@
+//! Integration tests: the built binaries on loopback, driven over real sockets.
 
+mod client;
+mod server;
+mod support;

@@ -46,7 +46,11 @@ impl Proc {
         let stderr = child.stderr.take().unwrap();
         collect(stdout, output.clone());
         collect(stderr, output.clone());
-        Proc { name: format!("{bin} {}", args.join(" ")), child, output }
+        Proc {
+            name: format!("{bin} {}", args.join(" ")),
+            child,
+            output,
+        }
     }
 
     /// The process id.
@@ -61,7 +65,13 @@ impl Proc {
 
     /// Number of output lines containing `pattern`.
     pub fn count(&self, pattern: &str) -> usize {
-        self.output.0.lock().unwrap().iter().filter(|l| l.contains(pattern)).count()
+        self.output
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(pattern))
+            .count()
     }
 
     /// Waits until `n` output lines contain `pattern`; returns the `n`th such line.
@@ -92,7 +102,11 @@ impl Proc {
 
     /// Sends a signal by name (`TERM`, `INT`, `KILL`, `STOP`, `CONT`).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status().unwrap();
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(status.success(), "kill -{name} {} failed", self.pid());
     }
 
@@ -104,7 +118,11 @@ impl Proc {
                 return status;
             }
             if Instant::now() >= deadline {
-                panic!("`{}` did not exit within {timeout:?}; output:\n{}", self.name, self.output());
+                panic!(
+                    "`{}` did not exit within {timeout:?}; output:\n{}",
+                    self.name,
+                    self.output()
+                );
             }
             thread::sleep(Duration::from_millis(5));
         }
@@ -123,7 +141,9 @@ impl Proc {
 
     /// The thread count of the process, from /proc.
     pub fn threads(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/task", self.pid())).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 }
 
@@ -162,7 +182,11 @@ impl Server {
         let proc = Proc::start("server", &args);
         let addr = address_after(&proc.wait_for("Listening on ws://", PATIENCE), "ws://");
         let metrics = address_after(&proc.wait_for("Metrics on http://", PATIENCE), "http://");
-        Server { proc, addr, metrics }
+        Server {
+            proc,
+            addr,
+            metrics,
+        }
     }
 
     /// `ws://ADDR/ws`.
@@ -189,7 +213,10 @@ impl Server {
                 return;
             }
             if Instant::now() >= deadline {
-                panic!("websocket_connections stayed {value}, expected {n}; output:\n{}", self.proc.output());
+                panic!(
+                    "websocket_connections stayed {value}, expected {n}; output:\n{}",
+                    self.proc.output()
+                );
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -200,12 +227,15 @@ impl Server {
 pub fn address_after(line: &str, scheme: &str) -> SocketAddr {
     let rest = &line[line.find(scheme).unwrap() + scheme.len()..];
     let end = rest.find('/').unwrap_or(rest.len());
-    rest[..end].parse().unwrap_or_else(|e| panic!("no address in {line:?}: {e}"))
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|e| panic!("no address in {line:?}: {e}"))
 }
 
 /// Opens a WebSocket connection to `url` with a read timeout of [`PATIENCE`].
 pub fn connect(url: &str) -> Ws {
-    let (socket, _) = tungstenite::connect(url).unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    let (socket, _) =
+        tungstenite::connect(url).unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
     if let MaybeTlsStream::Plain(tcp) = socket.get_ref() {
         tcp.set_read_timeout(Some(PATIENCE)).unwrap();
     }
@@ -224,8 +254,15 @@ pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
 
 /// `GET path` over HTTP/1.1; returns the status code and the whole response.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let response = raw_exchange(addr, format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes());
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let response = raw_exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     (status, response)
 }
 
@@ -234,7 +271,13 @@ pub fn metric(addr: SocketAddr, name: &str) -> f64 {
     let (status, body) = http_get(addr, "/metrics");
     assert_eq!(status, 200, "GET /metrics: {body}");
     body.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
 }
 
@@ -267,7 +310,11 @@ impl Proc {
         collect(child.stdout.take().unwrap(), output.clone());
         collect(child.stderr.take().unwrap(), output.clone());
         let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        Proc { name: format!("{} {bin} {}", env.join(" "), args.join(" ")), child, output }
+        Proc {
+            name: format!("{} {bin} {}", env.join(" "), args.join(" ")),
+            child,
+            output,
+        }
     }
 }
 
@@ -279,6 +326,10 @@ impl Server {
         let proc = Proc::start_with_env("server", &args, env);
         let addr = address_after(&proc.wait_for("Listening on ws://", PATIENCE), "ws://");
         let metrics = address_after(&proc.wait_for("Metrics on http://", PATIENCE), "http://");
-        Server { proc, addr, metrics }
+        Server {
+            proc,
+            addr,
+            metrics,
+        }
     }
 }
