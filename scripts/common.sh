@@ -1,0 +1,47 @@
+# Sourced by the scripts in this folder: names, version and small helpers shared by them.
+# shellcheck shell=bash
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# The crate version, e.g. 0.1.0 (Cargo.toml's first `version =` line is the package's).
+VERSION=${VERSION:-$(sed -n 's/^version = "\(.*\)"$/\1/p' "$ROOT/Cargo.toml" | head -n1)}
+REVISION=${REVISION:-$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)}
+# Static Linux binaries land in target/dist/linux-ARCH/{server,client}; images in target/images.
+DIST=$ROOT/target/dist
+IMAGES=$ROOT/target/images
+BINARIES=(server client)
+# Local image names; ghcr.io/websocket-test/{server,client} are the published ones.
+local_image() { echo "localhost/websocket-test-$1"; }
+# Largest image we accept (bytes): a tenth of the seed's 20 MB bound.
+IMAGE_SIZE_LIMIT=${IMAGE_SIZE_LIMIT:-2000000}
+
+# Rust target triple of a Linux architecture (Go/OCI names: amd64, arm64).
+rust_target() {
+    case $1 in
+        amd64) echo x86_64-unknown-linux-musl ;;
+        arm64) echo aarch64-unknown-linux-musl ;;
+        *) echo "unknown architecture $1" >&2; return 1 ;;
+    esac
+}
+
+# The machine's own architecture in OCI terms.
+host_arch() {
+    case $(uname -m) in
+        x86_64) echo amd64 ;;
+        aarch64 | arm64) echo arm64 ;;
+        *) uname -m ;;
+    esac
+}
+
+# Architectures that scripts/build-static produced (both binaries present), e.g. "amd64 arm64".
+built_arches() {
+    local arch found=()
+    for arch in amd64 arm64; do
+        if [[ -x $DIST/linux-$arch/server && -x $DIST/linux-$arch/client ]]; then
+            found+=("$arch")
+        fi
+    done
+    echo "${found[*]}"
+}
+
+log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
