@@ -146,12 +146,50 @@ pub struct ClientConfig {
     #[arg(long, env = "WEBSOCKET_TEST_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
     pub connect_timeout: Duration,
 
+    /// New connections per second while starting up [default: all at once]
+    #[arg(long, env = "WEBSOCKET_TEST_RAMP", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ramp: Option<u32>,
+
+    /// Load mode: each connection sends binary messages of this size (at least 16 bytes)
+    /// and verifies every echo [default: off]
+    #[arg(long, env = "WEBSOCKET_TEST_MESSAGE_SIZE", value_parser = parse_message_size)]
+    pub message_size: Option<usize>,
+
+    /// Load mode: time between messages per connection; 0 sends the next message as soon
+    /// as the echo of the last one arrives (closed loop)
+    #[arg(long, env = "WEBSOCKET_TEST_MESSAGE_INTERVAL", default_value = "0", value_parser = parse_duration)]
+    pub message_interval: Duration,
+
+    /// Load mode: close each connection normally after this many echoes and open a new one
+    /// at once (connection churn) [default: never]
+    #[arg(long, env = "WEBSOCKET_TEST_MESSAGES_PER_CONNECTION", value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages_per_connection: Option<u64>,
+
+    /// How often to log the load summary (connections up, messages/s, round trips, errors)
+    #[arg(long, env = "WEBSOCKET_TEST_REPORT_INTERVAL", default_value = "10s", value_parser = parse_interval)]
+    pub report_interval: Duration,
+
+    /// Stop after this long, as on SIGTERM, and log the final summary [default: run until
+    /// signalled]
+    #[arg(long, env = "WEBSOCKET_TEST_DURATION", value_parser = parse_interval)]
+    pub duration: Option<Duration>,
+
     /// Log level: error, warn, info, debug or trace
     #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info")]
     pub log_level: LevelFilter,
 }
 
 impl ClientConfig {
+    /// The load each connection generates, if load mode is on.
+    pub fn load(&self) -> Option<crate::client::load::LoadConfig> {
+        self.message_size
+            .map(|message_size| crate::client::load::LoadConfig {
+                message_size,
+                interval: self.message_interval,
+                messages_per_connection: self.messages_per_connection.unwrap_or(0),
+            })
+    }
+
     /// The URL the client connects to, e.g. `ws://localhost:3003/ws` or `ws://[::1]:3003/ws`.
     pub fn url(&self) -> String {
         if self.host.contains(':') && !self.host.starts_with('[') {
@@ -231,6 +269,16 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
             usize::MAX
         )),
         Some(bytes) => Ok(bytes),
+    }
+}
+
+/// A load message size: a size of at least the 16-byte header.
+fn parse_message_size(text: &str) -> Result<usize, String> {
+    match parse_size(text)? {
+        size if size < crate::client::load::HEADER_SIZE => Err(format!(
+            "invalid message size {text:?}: load messages need at least 16 bytes"
+        )),
+        size => Ok(size),
     }
 }
 

@@ -1,0 +1,395 @@
+//! Load mode: every connection sends messages that carry its id, a sequence number and a
+//! checksum, verifies each echo byte for byte, and measures round trips. Counters are kept
+//! per connection thread and folded into the shared [`LoadStats`] every [`FLUSH_EVERY`], so
+//! connection threads do not contend on one cache line per message.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tungstenite::Bytes;
+
+/// Bytes of the header every load message starts with: connection id (4), sequence
+/// number (8), checksum of those two (4).
+pub const HEADER_SIZE: usize = 16;
+/// How often a connection thread folds its counters into the shared ones.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Round trips above this are recorded as this (microseconds).
+const MAX_RTT_MICROS: u64 = 60_000_000;
+
+/// What load each connection generates.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadConfig {
+    /// Size of each message; at least [`HEADER_SIZE`].
+    pub message_size: usize,
+    /// Time between messages; zero means closed loop (send the next when the echo arrives).
+    pub interval: Duration,
+    /// Close normally and reconnect at once after this many echoes (0: never).
+    pub messages_per_connection: u64,
+}
+
+/// Counters shared by all connections of the process.
+#[derive(Debug)]
+pub struct LoadStats {
+    /// Connections currently open.
+    pub connections_up: AtomicI64,
+    counters: [AtomicU64; Counter::COUNT],
+    rtt_micros: Mutex<Histogram<u64>>,
+}
+
+/// The things counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Counter {
+    /// Messages sent.
+    Sent,
+    /// Echoes received and verified.
+    Received,
+    /// Payload bytes sent.
+    BytesSent,
+    /// Payload bytes received.
+    BytesReceived,
+    /// Echoes that differ from what was sent (wrong id, checksum or body).
+    Corrupted,
+    /// Echoes that arrived after a later message's echo.
+    Reordered,
+    /// Messages whose echo never came (counted when their connection ends).
+    Lost,
+    /// WebSocket handshakes completed.
+    Connects,
+    /// Connection attempts that failed.
+    ConnectFailures,
+    /// Established connections lost (error, close by the server, pong timeout).
+    Losses,
+}
+
+impl Counter {
+    const COUNT: usize = 10;
+}
+
+impl Default for LoadStats {
+    fn default() -> Self {
+        LoadStats {
+            connections_up: AtomicI64::new(0),
+            counters: Default::default(),
+            rtt_micros: Mutex::new(new_histogram()),
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_RTT_MICROS, 3).expect("valid histogram bounds")
+}
+
+impl LoadStats {
+    /// Adds `n` to a counter.
+    pub fn add(&self, counter: Counter, n: u64) {
+        self.counters[counter as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The current value of a counter.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.counters[counter as usize].load(Ordering::Relaxed)
+    }
+
+    /// A copy of everything, for a report.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            at: Instant::now(),
+            connections_up: self.connections_up.load(Ordering::Relaxed),
+            counters: std::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed)),
+            rtt_micros: self
+                .rtt_micros
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+}
+
+/// The shared counters at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    at: Instant,
+    connections_up: i64,
+    counters: [u64; Counter::COUNT],
+    rtt_micros: Histogram<u64>,
+}
+
+impl Snapshot {
+    fn get(&self, counter: Counter) -> u64 {
+        self.counters[counter as usize]
+    }
+
+    /// A report of the period from `earlier` to this snapshot: rates and round trips over
+    /// the period, message and error counts since the start.
+    pub fn report_since(&self, earlier: &Snapshot) -> Report {
+        let mut rtt_micros = self.rtt_micros.clone();
+        let _ = rtt_micros.subtract(&earlier.rtt_micros);
+        Report {
+            seconds: self.at.duration_since(earlier.at).as_secs_f64(),
+            earlier: earlier.counters,
+            now: self.clone(),
+            rtt_micros,
+        }
+    }
+}
+
+/// A one-line summary: `connections=.. messages/s=.. ...`; keys never contain spaces so
+/// scripts can split on them.
+pub struct Report {
+    seconds: f64,
+    earlier: [u64; Counter::COUNT],
+    now: Snapshot,
+    rtt_micros: Histogram<u64>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seconds = self.seconds.max(1e-9);
+        let delta = |c: Counter| self.now.get(c) - self.earlier[c as usize];
+        let rtt = &self.rtt_micros;
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        write!(
+            f,
+            "connections={} messages/s={:.0} sent_MB/s={:.2} received_MB/s={:.2} \
+             rtt_ms_p50={:.3} rtt_ms_p90={:.3} rtt_ms_p99={:.3} rtt_ms_max={:.3} \
+             sent={} received={} corrupted={} reordered={} lost={} connects={} connect_failures={} losses={}",
+            self.now.connections_up,
+            delta(Counter::Received) as f64 / seconds,
+            delta(Counter::BytesSent) as f64 / seconds / 1e6,
+            delta(Counter::BytesReceived) as f64 / seconds / 1e6,
+            ms(rtt.value_at_quantile(0.50)),
+            ms(rtt.value_at_quantile(0.90)),
+            ms(rtt.value_at_quantile(0.99)),
+            ms(rtt.max()),
+            self.now.get(Counter::Sent),
+            self.now.get(Counter::Received),
+            self.now.get(Counter::Corrupted),
+            self.now.get(Counter::Reordered),
+            self.now.get(Counter::Lost),
+            self.now.get(Counter::Connects),
+            self.now.get(Counter::ConnectFailures),
+            self.now.get(Counter::Losses),
+        )
+    }
+}
+
+/// One connection's load generator: builds messages, matches echoes, keeps local counts.
+pub struct Generator {
+    config: LoadConfig,
+    connection: u32,
+    next_seq: u64,
+    in_flight: VecDeque<(u64, Instant, Bytes)>,
+    highest_received: Option<u64>,
+    echoes: u64,
+    local: [u64; Counter::COUNT],
+    rtt_micros: Histogram<u64>,
+    last_flush: Instant,
+}
+
+impl Generator {
+    /// A generator for connection `connection` (its id goes into every message).
+    pub fn new(config: LoadConfig, connection: u32) -> Self {
+        Generator {
+            config,
+            connection,
+            next_seq: 0,
+            in_flight: VecDeque::new(),
+            highest_received: None,
+            echoes: 0,
+            local: [0; Counter::COUNT],
+            rtt_micros: new_histogram(),
+            last_flush: Instant::now(),
+        }
+    }
+
+    /// When the next message is due, given when the previous one was sent; `None` while a
+    /// closed loop waits for its echo.
+    pub fn next_send(&self, last_sent: Instant) -> Option<Instant> {
+        if self.config.interval.is_zero() {
+            self.in_flight.is_empty().then_some(last_sent)
+        } else {
+            Some(last_sent + self.config.interval)
+        }
+    }
+
+    /// Whether this connection has had all its echoes and should close.
+    pub fn finished(&self) -> bool {
+        self.config.messages_per_connection > 0
+            && self.echoes >= self.config.messages_per_connection
+    }
+
+    /// The next message to send.
+    pub fn next_message(&mut self) -> Bytes {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let message = encode(self.connection, seq, self.config.message_size);
+        self.in_flight
+            .push_back((seq, Instant::now(), message.clone()));
+        self.local[Counter::Sent as usize] += 1;
+        self.local[Counter::BytesSent as usize] += message.len() as u64;
+        message
+    }
+
+    /// Checks an echo against what was sent and records its round trip.
+    pub fn on_echo(&mut self, echo: &[u8]) {
+        self.local[Counter::BytesReceived as usize] += echo.len() as u64;
+        let Some(seq) = decode(self.connection, echo) else {
+            self.local[Counter::Corrupted as usize] += 1;
+            return;
+        };
+        if self.highest_received.is_some_and(|highest| seq < highest) {
+            self.local[Counter::Reordered as usize] += 1;
+        }
+        self.highest_received = Some(self.highest_received.map_or(seq, |h| h.max(seq)));
+        let Some(index) = self
+            .in_flight
+            .iter()
+            .position(|(sent_seq, _, _)| *sent_seq == seq)
+        else {
+            self.local[Counter::Corrupted as usize] += 1; // an echo of nothing we sent
+            return;
+        };
+        let (_, sent_at, sent) = self.in_flight.remove(index).expect("index is in range");
+        if sent.as_ref() != echo {
+            self.local[Counter::Corrupted as usize] += 1;
+            return;
+        }
+        self.echoes += 1;
+        self.local[Counter::Received as usize] += 1;
+        let micros = (sent_at.elapsed().as_micros() as u64).clamp(1, MAX_RTT_MICROS);
+        let _ = self.rtt_micros.record(micros);
+    }
+
+    /// Folds local counts into `stats` if [`FLUSH_EVERY`] has passed (or `force`).
+    pub fn flush(&mut self, stats: &LoadStats, force: bool) {
+        if !force && self.last_flush.elapsed() < FLUSH_EVERY {
+            return;
+        }
+        self.last_flush = Instant::now();
+        for (i, n) in self.local.iter_mut().enumerate() {
+            if *n > 0 {
+                stats.counters[i].fetch_add(std::mem::take(n), Ordering::Relaxed);
+            }
+        }
+        if !self.rtt_micros.is_empty() {
+            let mut shared = stats.rtt_micros.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = shared.add(&self.rtt_micros);
+            self.rtt_micros.reset();
+        }
+    }
+
+    /// The connection ended: whatever is still in flight is lost.
+    pub fn end(&mut self, stats: &LoadStats) {
+        self.local[Counter::Lost as usize] += self.in_flight.len() as u64;
+        self.in_flight.clear();
+        self.flush(stats, true);
+    }
+}
+
+/// Builds a message: header (connection, sequence, checksum) and a body that depends on
+/// both, so a byte moved between messages is caught too.
+pub fn encode(connection: u32, seq: u64, size: usize) -> Bytes {
+    let size = size.max(HEADER_SIZE);
+    let mut message = Vec::with_capacity(size);
+    message.extend_from_slice(&connection.to_be_bytes());
+    message.extend_from_slice(&seq.to_be_bytes());
+    message.extend_from_slice(&checksum(connection, seq).to_be_bytes());
+    let seed = (seq as u8) ^ (connection as u8);
+    message.extend((0..size - HEADER_SIZE).map(|i| seed.wrapping_add(i as u8)));
+    message.into()
+}
+
+/// The sequence number of a message of `connection` whose header is intact.
+pub fn decode(connection: u32, message: &[u8]) -> Option<u64> {
+    let header = message.get(..HEADER_SIZE)?;
+    let id = u32::from_be_bytes(header[0..4].try_into().ok()?);
+    let seq = u64::from_be_bytes(header[4..12].try_into().ok()?);
+    let sum = u32::from_be_bytes(header[12..16].try_into().ok()?);
+    (id == connection && sum == checksum(id, seq)).then_some(seq)
+}
+
+/// FNV-1a over the connection id and sequence number.
+fn checksum(connection: u32, seq: u64) -> u32 {
+    connection
+        .to_be_bytes()
+        .iter()
+        .chain(seq.to_be_bytes().iter())
+        .fold(0x811c_9dc5u32, |hash, byte| {
+            (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(interval_ms: u64) -> LoadConfig {
+        LoadConfig {
+            message_size: 32,
+            interval: Duration::from_millis(interval_ms),
+            messages_per_connection: 2,
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_and_corruption_is_caught() {
+        let message = encode(7, 42, 64);
+        assert_eq!(message.len(), 64);
+        assert_eq!(decode(7, &message), Some(42));
+        assert_eq!(decode(8, &message), None);
+        let mut flipped = message.to_vec();
+        flipped[5] ^= 1;
+        assert_eq!(decode(7, &flipped), None);
+    }
+
+    #[test]
+    fn generator_counts_echoes_reorders_corruption_and_losses() {
+        let stats = LoadStats::default();
+        let mut generator = Generator::new(config(10), 1);
+        let first = generator.next_message();
+        let second = generator.next_message();
+        let third = generator.next_message();
+        generator.on_echo(&second);
+        generator.on_echo(&first); // arrives after a later one
+        let mut bad = third.to_vec();
+        *bad.last_mut().unwrap() ^= 0xff;
+        generator.on_echo(&bad); // body differs
+        assert!(generator.finished());
+        generator.end(&stats);
+        assert_eq!(stats.get(Counter::Sent), 3);
+        assert_eq!(stats.get(Counter::Received), 2);
+        assert_eq!(stats.get(Counter::Reordered), 1);
+        assert_eq!(stats.get(Counter::Corrupted), 1);
+        assert_eq!(
+            stats.get(Counter::Lost),
+            0,
+            "the corrupted one was answered"
+        );
+        let snapshot = stats.snapshot();
+        assert!(snapshot
+            .report_since(&snapshot)
+            .to_string()
+            .contains("received=2 corrupted=1 reordered=1"));
+    }
+
+    #[test]
+    fn closed_loop_waits_for_the_echo() {
+        let mut generator = Generator::new(config(0), 1);
+        let now = Instant::now();
+        assert_eq!(generator.next_send(now), Some(now));
+        let message = generator.next_message();
+        assert_eq!(generator.next_send(now), None);
+        generator.on_echo(&message);
+        assert_eq!(generator.next_send(now), Some(now));
+        let stats = LoadStats::default();
+        let mut unanswered = Generator::new(config(0), 2);
+        unanswered.next_message();
+        unanswered.end(&stats);
+        assert_eq!(stats.get(Counter::Lost), 1);
+    }
+}
