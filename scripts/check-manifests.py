@@ -1,0 +1,433 @@
+#!/usr/bin/env python3
+"""Checks of manifests/ that schemas cannot make, run by scripts/check-manifests (which also runs
+kubernetes-validate, promtool and hadolint). Needs PyYAML and jsonschema (the CI venv has both).
+
+    check-manifests.py [--server-help FILE] [--client-help FILE] [--metrics-sample FILE]
+    check-manifests.py --update      # regenerate monitoring/grafana-dashboard.yaml from the JSON
+
+--server-help/--client-help: the binaries' --help output, to check that every WEBSOCKET_TEST_*
+variable the manifests set is one the binary reads. --metrics-sample: a scrape of the server's
+/metrics, to check that every metric the alerts and the dashboard use exists.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = ROOT / "manifests"
+MONITORING = MANIFESTS / "monitoring"
+DASHBOARD_JSON = MONITORING / "dashboards" / "websocket-test.json"
+DASHBOARD_CONFIGMAP = MONITORING / "grafana-dashboard.yaml"
+SERVICE = "websocket-test-server"
+JOB = "websocket-test-server"
+IMAGES = {"server": "ghcr.io/websocket-test/server", "client": "ghcr.io/websocket-test/client"}
+# Defaults of the binaries (src/config.rs) where the manifests leave a flag unset.
+DEFAULTS = {"WEBSOCKET_TEST_PORT": "3003", "WEBSOCKET_TEST_METRICS_PORT": "9100",
+            "WEBSOCKET_TEST_SHUTDOWN_TIMEOUT": "5s", "WEBSOCKET_TEST_PATH": "/ws"}
+# After the shutdown timeout the server waits this long for aborted connections (src/server).
+ABORT_GRACE_S = 1
+MEMORY_PER_CONNECTION_KIB = int(os.environ.get("MEMORY_PER_CONNECTION_KIB", "64"))
+# Memory the server needs beside its connections: the process at rest and messages in flight.
+MEMORY_HEADROOM_MIB = 64
+CORE_API_VERSIONS = {"v1", "apps/v1", "policy/v1"}
+REQUIRED_ALERTS = {"WebSocketTestNoConnections", "WebSocketTestTooManyConnections",
+                   "WebSocketTestMetricsDown"}
+
+failures = []
+passes = 0
+
+
+def check(condition, message):
+    global passes
+    if condition:
+        passes += 1
+    else:
+        failures.append(message)
+    return condition
+
+
+def version():
+    match = re.search(r'^version = "([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.M)
+    return match.group(1)
+
+
+def load(path):
+    docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    for doc in docs:
+        doc["__file"] = str(path.relative_to(ROOT))
+    return docs
+
+
+def where(doc):
+    return f'{doc["__file"]}: {doc["kind"]} {doc["metadata"]["name"]}'
+
+
+def selects(selector, labels):
+    """matchLabels only: the manifests use no matchExpressions (checked)."""
+    return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
+
+
+def parse_duration_s(text):
+    """The binaries' duration syntax: 200ms, 15s, 5m, 1h, or bare seconds."""
+    match = re.fullmatch(r"(\d+)(ms|s|m|h)?", str(text).strip())
+    if not match:
+        raise ValueError(f"bad duration {text!r}")
+    number, unit = int(match.group(1)), match.group(2) or "s"
+    return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def quantity_bytes(text):
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|k|M|G)?", str(text))
+    factor = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "k": 1000, "M": 10**6, "G": 10**9}
+    return int(match.group(1)) * factor[match.group(2)]
+
+
+def quantity_cpu(text):
+    text = str(text)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def settings(container):
+    """The container's WEBSOCKET_TEST_* settings: env, then args (a flag wins, as in the binary)."""
+    values = dict(DEFAULTS)
+    for env in container.get("env", []):
+        check("valueFrom" not in env or env["name"] not in DEFAULTS,
+              f'{container["name"]}: {env["name"]} must be a literal value to be checked')
+        values[env["name"]] = str(env.get("value", ""))
+    args = container.get("args", [])
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            if not value and i + 1 < len(args):
+                value = args[i + 1]
+            values["WEBSOCKET_TEST_" + name.upper().replace("-", "_")] = value
+    return values
+
+
+def container_port(container, ref):
+    """The containerPort that a Service targetPort or probe port (name or number) names."""
+    for port in container.get("ports", []):
+        if ref in (port.get("name"), port["containerPort"]):
+            return port["containerPort"]
+    return None
+
+
+# --- Schemas of the two Prometheus-operator kinds, for the fields these manifests may use ----
+# (kubernetes-validate has no schemas for custom resources; field names as in the operator's
+# monitoring.coreos.com/v1 CRDs; unknown fields are errors, as with --strict).
+DURATION = {"type": "string",
+            "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+METADATA = {"type": "object", "required": ["name"], "additionalProperties": False,
+            "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"},
+                           "namespace": {"type": "string"}, "labels": STRING_MAP, "annotations": STRING_MAP}}
+LABEL_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": STRING_MAP,
+    "matchExpressions": {"type": "array", "items": {
+        "type": "object", "required": ["key", "operator"], "additionalProperties": False,
+        "properties": {"key": {"type": "string"},
+                       "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                       "values": {"type": "array", "items": {"type": "string"}}}}}}}
+RELABEL = {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+    "action": {"enum": ["replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod", "HashMod",
+                        "labelmap", "LabelMap", "labeldrop", "LabelDrop", "labelkeep", "LabelKeep",
+                        "lowercase", "Lowercase", "uppercase", "Uppercase", "keepequal", "KeepEqual",
+                        "dropequal", "DropEqual"]},
+    "sourceLabels": {"type": "array", "items": {"type": "string", "pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"}},
+    "separator": {"type": "string"}, "targetLabel": {"type": "string"}, "regex": {"type": "string"},
+    "modulus": {"type": "integer", "minimum": 1}, "replacement": {"type": "string"}}}}
+PODMONITOR_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"},
+        "metadata": METADATA,
+        "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"], "additionalProperties": False,
+                 "properties": {
+                     "selector": LABEL_SELECTOR, "jobLabel": {"type": "string"},
+                     "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                         "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                     "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                     "sampleLimit": {"type": "integer", "minimum": 0},
+                     "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+                         "type": "object", "additionalProperties": False, "properties": {
+                             "port": {"type": "string"}, "portNumber": {"type": "integer"},
+                             "path": {"type": "string"}, "scheme": {"enum": ["http", "https"]},
+                             "interval": DURATION, "scrapeTimeout": DURATION,
+                             "honorLabels": {"type": "boolean"}, "honorTimestamps": {"type": "boolean"},
+                             "enableHttp2": {"type": "boolean"}, "followRedirects": {"type": "boolean"},
+                             "filterRunning": {"type": "boolean"},
+                             "params": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}},
+                             "relabelings": RELABEL, "metricRelabelings": RELABEL}}}}}}}
+RULE = {"type": "object", "required": ["expr"], "additionalProperties": False,
+        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+        "properties": {"alert": {"type": "string"}, "record": {"type": "string"},
+                       "expr": {"type": ["string", "integer"]}, "for": DURATION, "keep_firing_for": DURATION,
+                       "labels": STRING_MAP, "annotations": STRING_MAP}}
+PROMETHEUSRULE_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+        "metadata": METADATA,
+        "spec": {"type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
+            "groups": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["name", "rules"], "additionalProperties": False,
+                "properties": {"name": {"type": "string", "minLength": 1}, "interval": DURATION,
+                               "limit": {"type": "integer"}, "labels": STRING_MAP,
+                               "rules": {"type": "array", "minItems": 1, "items": RULE}}}}}}}}
+CRD_SCHEMAS = {"PodMonitor": PODMONITOR_SCHEMA, "PrometheusRule": PROMETHEUSRULE_SCHEMA}
+
+
+def dashboard_configmap_text():
+    dashboard = DASHBOARD_JSON.read_text()
+    body = "".join(f"    {line}\n" if line else "\n" for line in dashboard.rstrip("\n").split("\n"))
+    return (
+        "# GENERATED by `scripts/check-manifests --update` from dashboards/websocket-test.json: edit that.\n"
+        "# The Grafana dashboard as a ConfigMap for Grafana's dashboard sidecar (kube-prometheus-stack\n"
+        "# loads ConfigMaps labelled grafana_dashboard=\"1\" from its namespace, or from all namespaces\n"
+        "# with sidecar.dashboards.searchNamespace=ALL). Or import the JSON in Grafana by hand.\n"
+        "apiVersion: v1\n"
+        "kind: ConfigMap\n"
+        "metadata:\n"
+        "  name: websocket-test-dashboard\n"
+        "  labels:\n"
+        "    app.kubernetes.io/name: websocket-test\n"
+        "    app.kubernetes.io/part-of: websocket-test\n"
+        '    grafana_dashboard: "1"\n'
+        "data:\n"
+        "  websocket-test.json: |\n" + body)
+
+
+def metric_names(expr):
+    return set(re.findall(r"\b((?:websocket|process)_[a-z_]+)\b", expr))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--update", action="store_true")
+    parser.add_argument("--server-help")
+    parser.add_argument("--client-help")
+    parser.add_argument("--metrics-sample")
+    args = parser.parse_args()
+    if args.update:
+        DASHBOARD_CONFIGMAP.write_text(dashboard_configmap_text())
+        print(f"wrote {DASHBOARD_CONFIGMAP.relative_to(ROOT)}")
+        return 0
+    want_version = version()
+
+    # --- What `kubectl apply -f manifests/` and `-f manifests/monitoring/` pick up ----------
+    # (apply -f DIR reads the .yaml/.yml/.json files directly in DIR, not subfolders.)
+    top_files = sorted(p for p in MANIFESTS.iterdir() if p.is_file())
+    mon_files = sorted(p for p in MONITORING.iterdir() if p.is_file())
+    for path in top_files + mon_files:
+        check(path.suffix == ".yaml", f"{path.relative_to(ROOT)}: kubectl apply -f on the folder would read it; only .yaml manifests belong there")
+    top = [doc for path in top_files if path.suffix == ".yaml" for doc in load(path)]
+    mon = [doc for path in mon_files if path.suffix == ".yaml" for doc in load(path)]
+    for doc in top + mon:
+        if not check({"apiVersion", "kind", "metadata"} <= set(doc), f"{doc['__file']}: a document without apiVersion, kind or metadata"):
+            return report()
+    for doc in top:
+        check(doc["apiVersion"] in CORE_API_VERSIONS,
+              f"{where(doc)}: {doc['apiVersion']} in manifests/ would fail on clusters without its CRD; put it in monitoring/")
+
+    for path in top_files + mon_files:
+        groups = {doc["apiVersion"].startswith("monitoring.coreos.com/") for doc in top + mon if doc["__file"] == str(path.relative_to(ROOT))}
+        check(len(groups) <= 1, f"{path.relative_to(ROOT)}: keep Prometheus-operator kinds and core kinds in separate files "
+                                "(scripts/check-manifests validates them differently)")
+    by_kind = {}
+    for doc in top + mon:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+        labels = doc["metadata"].get("labels", {})
+        check(labels.get("app.kubernetes.io/name") == "websocket-test" and labels.get("app.kubernetes.io/part-of") == "websocket-test",
+              f"{where(doc)}: needs labels app.kubernetes.io/name and part-of = websocket-test")
+        if "app.kubernetes.io/version" in labels:
+            check(labels["app.kubernetes.io/version"] == want_version,
+                  f"{where(doc)}: app.kubernetes.io/version {labels['app.kubernetes.io/version']} != Cargo.toml {want_version}")
+        check("namespace" not in doc["metadata"], f"{where(doc)}: no namespace, so the manifests apply to any")
+    for kind, schema in CRD_SCHEMAS.items():
+        for doc in by_kind.get(kind, []):
+            body = {k: v for k, v in doc.items() if k != "__file"}
+            errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(body), key=str)
+            check(not errors, f"{where(doc)}: " + "; ".join(
+                f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors))
+
+    deployments = {d["metadata"]["name"]: d for d in by_kind.get("Deployment", [])}
+    services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
+    if not (check(set(deployments) == {"websocket-test-server", "websocket-test-client"},
+                  f"expected Deployments websocket-test-server and websocket-test-client, got {sorted(deployments)}")
+            and check(SERVICE in services, f"no Service {SERVICE}")):
+        return report()
+    server, client, service = deployments["websocket-test-server"], deployments["websocket-test-client"], services[SERVICE]
+    pod_labels = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
+
+    # --- Deployments: selectors, pods, containers -------------------------------------------
+    env_known = {}
+    for role, path in (("server", args.server_help), ("client", args.client_help)):
+        if path:
+            env_known[role] = set(re.findall(r"\[env: (WEBSOCKET_TEST_[A-Z_]+)=", Path(path).read_text()))
+            check(len(env_known[role]) > 5, f"{path}: no [env: ...] entries found in the --help output")
+    for name, deployment in deployments.items():
+        role = name.rsplit("-", 1)[1]
+        spec, pod = deployment["spec"], deployment["spec"]["template"]["spec"]
+        selector = spec["selector"]
+        check(set(selector) == {"matchLabels"}, f"{where(deployment)}: use matchLabels only")
+        check(selects(selector.get("matchLabels"), pod_labels[name]), f"{where(deployment)}: selector does not match its pod labels")
+        other = [o for o in deployments if o != name]
+        check(not any(selects(selector.get("matchLabels"), pod_labels[o]) for o in other),
+              f"{where(deployment)}: selector also matches the pods of {other}")
+        check(deployment["metadata"].get("labels", {}).get("app.kubernetes.io/component") == role
+              and pod_labels[name].get("app.kubernetes.io/component") == role,
+              f"{where(deployment)}: app.kubernetes.io/component must be {role}")
+        check(pod.get("enableServiceLinks") is False, f"{where(deployment)}: enableServiceLinks must be false (WEBSOCKET_TEST_* collisions)")
+        check(pod.get("automountServiceAccountToken") is False, f"{where(deployment)}: automountServiceAccountToken should be false")
+        psc = pod.get("securityContext", {})
+        check(psc.get("runAsNonRoot") is True and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+              f"{where(deployment)}: pod securityContext needs runAsNonRoot and seccomp RuntimeDefault")
+        check(psc.get("runAsUser") == 65532 and psc.get("runAsGroup") == 65532,
+              f"{where(deployment)}: run as 65532:65532, the image's user")
+        check(len(pod["containers"]) == 1, f"{where(deployment)}: one container expected")
+        for container in pod["containers"]:
+            what = f"{where(deployment)} container {container['name']}"
+            check(container.get("image") == f"{IMAGES[role]}:{want_version}",
+                  f"{what}: image {container.get('image')} != {IMAGES[role]}:{want_version}")
+            check("command" not in container, f"{what}: no command: the image's ENTRYPOINT is the binary")
+            sc = container.get("securityContext", {})
+            check(sc.get("allowPrivilegeEscalation") is False, f"{what}: allowPrivilegeEscalation must be false")
+            check(sc.get("readOnlyRootFilesystem") is True, f"{what}: readOnlyRootFilesystem must be true")
+            check(sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc.get("capabilities", {}).get("add"),
+                  f"{what}: capabilities must drop ALL and add none")
+            check(sc.get("privileged") in (None, False), f"{what}: must not be privileged")
+            resources = container.get("resources", {})
+            for kind in ("requests", "limits"):
+                check({"cpu", "memory"} <= set(resources.get(kind, {})), f"{what}: needs cpu and memory {kind}")
+            if {"cpu", "memory"} <= set(resources.get("requests", {})) and {"cpu", "memory"} <= set(resources.get("limits", {})):
+                check(quantity_bytes(resources["requests"]["memory"]) <= quantity_bytes(resources["limits"]["memory"])
+                      and quantity_cpu(resources["requests"]["cpu"]) <= quantity_cpu(resources["limits"]["cpu"]),
+                      f"{what}: requests exceed limits")
+            for env in container.get("env", []):
+                if role in env_known and env["name"].startswith("WEBSOCKET_TEST_"):
+                    check(env["name"] in env_known[role], f"{what}: {role} does not read {env['name']} (not in its --help)")
+
+    # --- The server: ports, probes, shutdown timing, memory, scraping -----------------------
+    pod = server["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    values = settings(container)
+    ws_port, metrics_port = int(values["WEBSOCKET_TEST_PORT"]), int(values["WEBSOCKET_TEST_METRICS_PORT"])
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    check(ports == {"websocket": ws_port, "metrics": metrics_port},
+          f"{where(server)}: container ports {ports} != what the server listens on (websocket {ws_port}, metrics {metrics_port})")
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container.get(probe, {}).get("httpGet", {})
+        check(get.get("path") == path and container_port(container, get.get("port")) == metrics_port,
+              f"{where(server)}: {probe} must GET {path} on the metrics port")
+    shutdown_s = parse_duration_s(values["WEBSOCKET_TEST_SHUTDOWN_TIMEOUT"])
+    pre_stop_s = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    check(grace > pre_stop_s + shutdown_s + ABORT_GRACE_S,
+          f"{where(server)}: terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop_s}s + shutdown timeout {shutdown_s}s + {ABORT_GRACE_S}s")
+    max_connections = values.get("WEBSOCKET_TEST_MAX_CONNECTIONS")
+    if check(max_connections is not None, f"{where(server)}: set WEBSOCKET_TEST_MAX_CONNECTIONS so the memory limit can be sized for it"):
+        need = int(max_connections) * MEMORY_PER_CONNECTION_KIB * 1024 + (MEMORY_HEADROOM_MIB << 20)
+        limit = quantity_bytes(container["resources"]["limits"]["memory"])
+        check(limit >= need, f"{where(server)}: memory limit {limit >> 20} MiB < {max_connections} connections x "
+                             f"{MEMORY_PER_CONNECTION_KIB} KiB + {MEMORY_HEADROOM_MIB} MiB = {need >> 20} MiB")
+    annotations = server["spec"]["template"]["metadata"].get("annotations", {})
+    check(annotations.get("prometheus.io/scrape") == "true" and annotations.get("prometheus.io/port") == str(metrics_port)
+          and annotations.get("prometheus.io/path") == "/metrics",
+          f"{where(server)}: prometheus.io/scrape, port {metrics_port} and path /metrics annotations")
+
+    # --- The Service: type, selector, named ports that agree with the server's ---------------
+    spec = service["spec"]
+    check(spec.get("type", "ClusterIP") == "ClusterIP", f"{where(service)}: must be ClusterIP")
+    check(selects(spec.get("selector"), pod_labels["websocket-test-server"]), f"{where(service)}: selector does not match the server pods")
+    check(not selects(spec.get("selector"), pod_labels["websocket-test-client"]), f"{where(service)}: selector matches the client pods")
+    service_ports = {p.get("name"): p for p in spec.get("ports", [])}
+    check(set(service_ports) == {"websocket", "metrics"}, f"{where(service)}: ports must be named websocket and metrics")
+    for name, number in (("websocket", 3003), ("metrics", 9100)):
+        port = service_ports.get(name)
+        if check(port is not None, f"{where(service)}: no port {name}"):
+            check(port["port"] == number, f"{where(service)}: port {name} must be {number}")
+            check(container_port(container, port.get("targetPort", port["port"])) == ports.get(name),
+                  f"{where(service)}: port {name} targets {port.get('targetPort')}, not the server's {name} port")
+
+    # --- The client points at the Service by name and port ----------------------------------
+    cvalues = settings(client["spec"]["template"]["spec"]["containers"][0])
+    check(cvalues.get("WEBSOCKET_TEST_HOST") == SERVICE,
+          f"{where(client)}: WEBSOCKET_TEST_HOST (or --host) must be the Service name {SERVICE}, is {cvalues.get('WEBSOCKET_TEST_HOST')}")
+    check(int(cvalues["WEBSOCKET_TEST_PORT"]) == service_ports["websocket"]["port"],
+          f"{where(client)}: port {cvalues['WEBSOCKET_TEST_PORT']} != the Service's websocket port")
+    check(cvalues["WEBSOCKET_TEST_PATH"] == values["WEBSOCKET_TEST_PATH"], f"{where(client)}: path differs from the server's")
+
+    for pdb in by_kind.get("PodDisruptionBudget", []):
+        check(selects(pdb["spec"]["selector"].get("matchLabels"), pod_labels["websocket-test-server"]),
+              f"{where(pdb)}: selector does not match the server pods")
+        check(pdb["spec"].get("minAvailable", 0) < server["spec"].get("replicas", 1),
+              f"{where(pdb)}: minAvailable must be below the server's replicas, or no node can drain")
+
+    # --- Monitoring: PodMonitor, alerts, dashboard ------------------------------------------
+    sample_names = None
+    if args.metrics_sample:
+        sample_names = {re.split(r"[{ ]", line, 1)[0] for line in Path(args.metrics_sample).read_text().splitlines()
+                        if line and not line.startswith("#")}
+        check("websocket_connections" in sample_names, f"{args.metrics_sample}: no websocket_connections")
+    monitors = by_kind.get("PodMonitor", []) + by_kind.get("ServiceMonitor", [])
+    check(len(monitors) == 1, "monitoring/: one PodMonitor expected")
+    for monitor in by_kind.get("PodMonitor", []):
+        check(selects(monitor["spec"]["selector"].get("matchLabels"), pod_labels["websocket-test-server"])
+              and not selects(monitor["spec"]["selector"].get("matchLabels"), pod_labels["websocket-test-client"]),
+              f"{where(monitor)}: selector must match the server pods only")
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            check(container_port(container, endpoint.get("port")) == metrics_port and endpoint.get("path", "/metrics") == "/metrics",
+                  f"{where(monitor)}: must scrape the server's metrics port, /metrics")
+            jobs = [r.get("replacement") for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"]
+            check(jobs == [JOB], f'{where(monitor)}: must set job="{JOB}", which the alerts and dashboard select')
+    alerts = {}
+    for rule_doc in by_kind.get("PrometheusRule", []):
+        for group in rule_doc["spec"]["groups"]:
+            for rule in group["rules"]:
+                if "alert" in rule:
+                    alerts[rule["alert"]] = rule
+    check(REQUIRED_ALERTS <= set(alerts), f"monitoring/: missing alerts {sorted(REQUIRED_ALERTS - set(alerts))}")
+    for name, rule in alerts.items():
+        expr = str(rule["expr"])
+        check(f'job="{JOB}"' in expr, f"alert {name}: select job=\"{JOB}\"")
+        check({"summary", "description"} <= set(rule.get("annotations", {})) and "severity" in rule.get("labels", {}),
+              f"alert {name}: needs a severity label and summary/description annotations")
+        if sample_names is not None:
+            check(metric_names(expr) <= sample_names, f"alert {name}: unknown metrics {sorted(metric_names(expr) - sample_names)}")
+    too_many = alerts.get("WebSocketTestTooManyConnections")
+    if too_many and max_connections:
+        threshold = re.search(r">\s*(\d+)", str(too_many["expr"]))
+        check(threshold and int(threshold.group(1)) < int(max_connections),
+              f"alert WebSocketTestTooManyConnections: threshold must be below WEBSOCKET_TEST_MAX_CONNECTIONS {max_connections}")
+
+    dashboard = json.loads(DASHBOARD_JSON.read_text())
+    check(dashboard.get("uid") and dashboard.get("title"), f"{DASHBOARD_JSON.name}: needs uid and title")
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = set().union(*map(metric_names, exprs))
+    check({"websocket_connections", "process_resident_memory_bytes", "process_cpu_seconds_total"} <= used,
+          f"{DASHBOARD_JSON.name}: must chart the connection gauge and the process metrics")
+    check(all(f'job="{JOB}"' in e for e in exprs), f"{DASHBOARD_JSON.name}: every query must select job=\"{JOB}\"")
+    if sample_names is not None:
+        check(used <= sample_names, f"{DASHBOARD_JSON.name}: unknown metrics {sorted(used - sample_names)}")
+    ids = [p["id"] for p in dashboard["panels"]]
+    check(len(ids) == len(set(ids)), f"{DASHBOARD_JSON.name}: panel ids must be unique")
+    check(DASHBOARD_CONFIGMAP.exists() and DASHBOARD_CONFIGMAP.read_text() == dashboard_configmap_text(),
+          f"{DASHBOARD_CONFIGMAP.relative_to(ROOT)} is out of date: run scripts/check-manifests --update")
+    return report()
+
+
+def report():
+    for failure in failures:
+        print(f"  FAILED  {failure}")
+    print(f"  manifest checks: {passes} passed, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
