@@ -1,5 +1,5 @@
 # Sourced by the scripts in this folder: names, version and small helpers shared by them.
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the variables are for the scripts that source this
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # The crate version, e.g. 0.1.0 (Cargo.toml's first `version =` line is the package's).
