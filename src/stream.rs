@@ -95,25 +95,49 @@ impl SharedStream {
     }
 }
 
-/// The owner's half, given to tungstenite: reads freely, writes whole buffers under the lock.
-#[derive(Debug, Clone)]
-pub struct WsStream(pub Arc<SharedStream>);
+/// The owner's half, given to tungstenite: reads freely, writes whole buffers under the lock,
+/// and notes when bytes last arrived (a large frame arriving slowly shows the peer is alive
+/// before the whole message has).
+#[derive(Debug)]
+pub struct WsStream {
+    shared: Arc<SharedStream>,
+    last_read: Instant,
+}
+
+impl WsStream {
+    /// The owner's half of `shared`.
+    pub fn new(shared: Arc<SharedStream>) -> Self {
+        WsStream {
+            shared,
+            last_read: Instant::now(),
+        }
+    }
+
+    /// When bytes last arrived from the peer.
+    pub fn last_read(&self) -> Instant {
+        self.last_read
+    }
+}
 
 impl Read for WsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&self.0.tcp).read(buf)
+        let n = (&self.shared.tcp).read(buf)?;
+        if n > 0 {
+            self.last_read = Instant::now();
+        }
+        Ok(n)
     }
 }
 
 impl Write for WsStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut writer = self.0.lock();
+        let mut writer = self.shared.lock();
         if writer.done {
             return Ok(buf.len());
         }
         // tungstenite hands over whole frames; writing all of them under the lock keeps a
         // Close frame from another thread from landing inside one.
-        if let Err(error) = (&self.0.tcp).write_all(buf) {
+        if let Err(error) = (&self.shared.tcp).write_all(buf) {
             writer.done = true;
             // A write timeout surfaces as WouldBlock, which the owner would take for a
             // read-timeout tick; this error ends the connection instead.

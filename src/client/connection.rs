@@ -131,7 +131,7 @@ fn connect(
         .write_buffer_size(0);
     let socket = match tungstenite::client::client_with_config(
         request,
-        WsStream(stream.clone()),
+        WsStream::new(stream.clone()),
         Some(ws_config),
     ) {
         Ok((socket, _response)) => socket,

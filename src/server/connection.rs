@@ -102,7 +102,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
     let _ = tcp.set_read_timeout(context.keepalive.tick());
 
     let mut socket = WebSocket::from_partially_read(
-        WsStream(stream.clone()),
+        WsStream::new(stream.clone()),
         leftover,
         Role::Server,
         Some(context.ws_config),
@@ -121,8 +121,10 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
         ping_interval,
         idle_timeout,
     } = context.keepalive;
-    let mut last_heard = Instant::now();
-    let mut next_ping = ping_interval.map(|interval| last_heard + interval);
+    // Sending an echo counts as activity too: to a client on a slow link the write itself
+    // can outlast the idle timeout. Our own pings do not: they succeed on a dead connection.
+    let mut last_echo = Instant::now();
+    let mut next_ping = ping_interval.map(|interval| last_echo + interval);
     let mut pings_sent: u64 = 0;
     let mut peer_close = None;
     loop {
@@ -131,24 +133,23 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
         }
         match socket.read() {
             Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
-                last_heard = Instant::now();
                 debug!("echo {} bytes", message.len());
                 if let Err(error) = socket.send(message) {
                     return Ending::from_error(error, stream);
                 }
+                last_echo = Instant::now();
             }
             Ok(Message::Close(frame)) => peer_close = Some(frame),
             // tungstenite queues the pong and sends it before the next read.
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {
-                last_heard = Instant::now()
-            }
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
             Err(WsError::Io(error)) if net::is_timeout(&error) => {}
             Err(WsError::ConnectionClosed) => return Ending::Closed(peer_close.flatten()),
             Err(error) => return Ending::from_error(error, stream),
         }
 
         let now = Instant::now();
-        if let Some(idle) = idle_timeout.filter(|idle| now.duration_since(last_heard) >= *idle) {
+        let last_activity = last_echo.max(socket.get_ref().last_read());
+        if let Some(idle) = idle_timeout.filter(|idle| now.duration_since(last_activity) >= *idle) {
             let reason = "idle timeout";
             let _ = stream.send_close(&close_frame(Role::Server, CloseCode::Away, reason));
             return Ending::Failed {

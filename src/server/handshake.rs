@@ -234,8 +234,9 @@ pub enum Handshake {
 /// client trickling a byte at a time is cut off too) and answers it.
 pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<Handshake> {
     let deadline = Instant::now() + timeout;
+    // Read straight into the heap: a buffer on the stack would stay resident for the
+    // connection's whole life, long after the handshake.
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -245,20 +246,25 @@ pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<H
             ));
         }
         tcp.set_read_timeout(Some(left))?;
-        let room = (MAX_HEAD_SIZE - buf.len()).min(chunk.len());
-        let n = match (&*tcp).read(&mut chunk[..room]) {
+        let len = buf.len();
+        if len == buf.capacity() {
+            buf.reserve(1024);
+        }
+        buf.resize(buf.capacity().min(MAX_HEAD_SIZE), 0);
+        let read = (&*tcp).read(&mut buf[len..]);
+        buf.truncate(len + *read.as_ref().unwrap_or(&0));
+        match read {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "closed before completing the request",
                 ))
             }
-            Ok(n) => n,
+            Ok(_) => {}
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) if crate::net::is_timeout(&error) => continue,
             Err(error) => return Err(error),
-        };
-        buf.extend_from_slice(&chunk[..n]);
+        }
         match decide(&buf, ws_path) {
             Decision::NeedMore => {}
             Decision::Upgrade {

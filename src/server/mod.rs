@@ -33,7 +33,7 @@ use registry::Registry;
 pub use acceptor::CONNECTION_STACK_SIZE;
 /// tungstenite's read chunk per connection (its default, 128 KiB, would be resident per
 /// connection as soon as it first reads).
-pub const READ_BUFFER_SIZE: usize = 4096;
+pub const READ_BUFFER_SIZE: usize = 1024;
 /// After the shutdown timeout, how long to wait for the aborted connections' threads.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
 
