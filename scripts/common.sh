@@ -14,13 +14,24 @@ local_image() { echo "localhost/websocket-test-$1"; }
 # Largest image we accept (bytes): a tenth of the seed's 20 MB bound.
 IMAGE_SIZE_LIMIT=${IMAGE_SIZE_LIMIT:-2000000}
 
-# Rust target triple of a Linux architecture (Go/OCI names: amd64, arm64).
+# Rust target triple of a Linux architecture (Go/OCI names: amd64, arm64) and libc (musl, gnu).
 rust_target() {
     case $1 in
-        amd64) echo x86_64-unknown-linux-musl ;;
-        arm64) echo aarch64-unknown-linux-musl ;;
+        amd64) echo "x86_64-unknown-linux-${2:-musl}" ;;
+        arm64) echo "aarch64-unknown-linux-${2:-musl}" ;;
         *) echo "unknown architecture $1" >&2; return 1 ;;
     esac
+}
+
+# The image size bound for binaries built against LIBC (scripts/build-static records it in
+# target/dist/linux-ARCH/libc): 2 MB with musl; a static glibc adds about 0.8 MB, so the
+# fallback build gets 3 MB and a warning.
+image_size_limit() {
+    if [[ $(cat "$DIST/linux-$1/libc" 2>/dev/null || echo musl) == gnu ]]; then
+        echo "${IMAGE_SIZE_LIMIT_GNU:-3000000}"
+    else
+        echo "$IMAGE_SIZE_LIMIT"
+    fi
 }
 
 # The machine's own architecture in OCI terms.
