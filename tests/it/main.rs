@@ -1,5 +1,6 @@
 //! Integration tests: the built binaries on loopback, driven over real sockets.
 
 mod client;
+mod hostile;
 mod server;
 mod support;

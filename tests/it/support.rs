@@ -333,3 +333,136 @@ impl Server {
         }
     }
 }
+
+// ----------------------------------------------------------------------------------------
+// Raw WebSocket over a plain TcpStream: hand-made upgrades, arbitrary client frames, and
+// server frames read byte by byte (for inputs tungstenite's client refuses to produce).
+// ----------------------------------------------------------------------------------------
+
+/// The RFC 6455 sample key and the `Sec-WebSocket-Accept` value that answers it.
+pub const SAMPLE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+/// `Sec-WebSocket-Accept` for [`SAMPLE_KEY`].
+pub const SAMPLE_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+/// The mask [`masked_frame`] uses.
+pub const FRAME_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// A complete, valid upgrade request for `/ws` with [`SAMPLE_KEY`].
+pub fn upgrade_request() -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {SAMPLE_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// Sends [`upgrade_request`] on a connected socket and reads the 101 head byte by byte (so
+/// nothing after it is consumed); returns the socket with a read timeout of [`PATIENCE`].
+pub fn upgrade_on(mut tcp: TcpStream) -> TcpStream {
+    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    tcp.write_all(upgrade_request().as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tcp.read(&mut byte).unwrap_or_else(|e| {
+            panic!(
+                "upgrade: read failed after {:?}: {e}",
+                String::from_utf8_lossy(&head)
+            )
+        });
+        assert_eq!(
+            n,
+            1,
+            "connection ended during the upgrade: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.contains(&format!("Sec-WebSocket-Accept: {SAMPLE_ACCEPT}\r\n")),
+        "{head}"
+    );
+    tcp
+}
+
+/// Connects to `addr` and upgrades by hand (see [`upgrade_on`]).
+pub fn raw_upgrade(addr: SocketAddr) -> TcpStream {
+    upgrade_on(TcpStream::connect(addr).unwrap())
+}
+
+/// Encodes a client frame: `byte0` goes out verbatim (FIN, RSV1-3, opcode); the length
+/// field says `declared` (default: the payload's length) in the shortest form that holds
+/// it; the payload is masked with `mask` when one is given (a client must mask).
+pub fn encode_frame(
+    byte0: u8,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+    declared: Option<u64>,
+) -> Vec<u8> {
+    let len = declared.unwrap_or(payload.len() as u64);
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    let mut frame = Vec::with_capacity(14 + payload.len());
+    frame.push(byte0);
+    if len < 126 {
+        frame.push(mask_bit | len as u8);
+    } else if len <= u64::from(u16::MAX) {
+        frame.push(mask_bit | 126);
+        frame.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        frame.push(mask_bit | 127);
+        frame.extend_from_slice(&len.to_be_bytes());
+    }
+    match mask {
+        Some(mask) => {
+            frame.extend_from_slice(&mask);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        }
+        None => frame.extend_from_slice(payload),
+    }
+    frame
+}
+
+/// A client frame masked with [`FRAME_MASK`], its length field telling the truth.
+pub fn masked_frame(byte0: u8, payload: &[u8]) -> Vec<u8> {
+    encode_frame(byte0, payload, Some(FRAME_MASK), None)
+}
+
+/// Reads one server frame (which must be unmasked): (first header byte, payload).
+pub fn read_frame(tcp: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut header = [0u8; 2];
+    tcp.read_exact(&mut header)?;
+    assert_eq!(header[1] & 0x80, 0, "server frames must not be masked");
+    let len = match header[1] & 0x7f {
+        126 => {
+            let mut ext = [0u8; 2];
+            tcp.read_exact(&mut ext)?;
+            u64::from(u16::from_be_bytes(ext))
+        }
+        127 => {
+            let mut ext = [0u8; 8];
+            tcp.read_exact(&mut ext)?;
+            u64::from_be_bytes(ext)
+        }
+        short => u64::from(short),
+    };
+    assert!(len <= 64 << 20, "implausible server frame length {len}");
+    let mut payload = vec![0u8; len as usize];
+    tcp.read_exact(&mut payload)?;
+    Ok((header[0], payload))
+}
+
+/// The status code at the start of a Close frame's payload.
+pub fn close_code(payload: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes([*payload.first()?, *payload.get(1)?]))
+}
+
+/// The names of the threads of process `pid` (one entry per thread, duplicates kept).
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .collect()
+}
