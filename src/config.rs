@@ -54,6 +54,11 @@ pub struct ServerConfig {
     #[arg(long, env = "WEBSOCKET_TEST_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_interval)]
     pub shutdown_timeout: Duration,
 
+    /// On SIGTERM, keep serving this long with /readyz answering 503 before closing
+    /// connections, so load balancers stop sending new ones first [default: 0]
+    #[arg(long, env = "WEBSOCKET_TEST_DRAIN_DELAY", default_value = "0", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+
     /// Time a client has to send its complete upgrade request
     #[arg(long, env = "WEBSOCKET_TEST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
     pub handshake_timeout: Duration,

@@ -18,6 +18,10 @@ use crate::net;
 use crate::shutdown::Shutdown;
 use crate::stream::{close_frame, SharedStream, WsStream};
 
+/// With an idle timeout, the most unsent data the kernel may hold for a connection.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const UNSENT_LIMIT: u32 = 128 * 1024;
+
 /// What every connection thread needs, shared by all of them.
 pub struct Context {
     /// The path that accepts upgrades.
@@ -100,6 +104,14 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
     // A client that stops reading must not hold this thread forever.
     let _ = tcp.set_write_timeout(Some(context.write_timeout));
     let _ = tcp.set_read_timeout(context.keepalive.tick());
+    if context.keepalive.idle_timeout.is_some() {
+        // An echo is "sent" once the kernel has it, but megabytes of it may still wait in the
+        // send buffer, with our pings queued behind: a client reading as fast as its link
+        // allows could not answer in time. Keeping little unsent data in the kernel makes the
+        // write itself last until the client has nearly caught up.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(UNSENT_LIMIT);
+    }
 
     let mut socket = WebSocket::from_partially_read(
         WsStream::new(stream.clone()),

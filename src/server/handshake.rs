@@ -239,10 +239,21 @@ pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<H
     let mut buf = Vec::with_capacity(1024);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() && !buf.is_empty() {
+            // A client that started a request learns why it is cut off; a silent one (a
+            // port scanner, a TCP health check) is just closed.
+            let reply = Reply::new(408, "no complete request within the handshake timeout");
+            let _ = tcp.set_write_timeout(Some(Duration::from_millis(100)));
+            (&*tcp).write_all(&reply.to_bytes())?;
+            return Ok(Handshake::Answered {
+                status: reply.status,
+                message: reply.message,
+            });
+        }
         if left.is_zero() {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "no complete request within the handshake timeout",
+                "no request within the handshake timeout",
             ));
         }
         tcp.set_read_timeout(Some(left))?;

@@ -24,7 +24,7 @@ use crate::config::ServerConfig;
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, MetricsServer};
 use crate::net;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{self, Shutdown};
 use crate::stream::{close_all, close_frame};
 use capacity::Capacity;
 use connection::{Context, Keepalive};
@@ -92,6 +92,9 @@ impl Server {
             metrics.connections_total.clone(),
         );
         let metrics_server = MetricsServer::start(metrics_listener, metrics.clone())?;
+        // Connections and the acceptor stop on `closing`, which follows `shutdown` after
+        // the drain delay.
+        let (close_connections, closing) = shutdown::channel();
         let context = Arc::new(Context {
             ws_path: config.path.clone(),
             handshake_timeout: config.handshake_timeout,
@@ -103,7 +106,7 @@ impl Server {
                 .max_frame_size(Some(config.max_frame_size)),
             registry: registry.clone(),
             metrics,
-            shutdown: shutdown.clone(),
+            shutdown: closing.clone(),
             going_away: close_frame(Role::Server, CloseCode::Away, "server shutting down").into(),
             keepalive: Keepalive {
                 ping_interval: config.server_ping_interval,
@@ -133,6 +136,15 @@ impl Server {
         info!("Metrics on http://{metrics_addr}/metrics");
 
         shutdown.wait();
+        metrics_server.set_not_ready();
+        if !config.drain_delay.is_zero() {
+            info!(
+                "Draining: /readyz answers 503; closing connections in {:?}",
+                config.drain_delay
+            );
+            let _ = crossbeam_channel::after(config.drain_delay).recv();
+        }
+        close_connections.trigger();
         let entries = registry.entries();
         info!("Shutting down: closing {} connections", entries.len());
         for (id, entry) in &entries {
@@ -143,7 +155,6 @@ impl Server {
             );
         }
         drop(entries); // holding their streams would keep finished connections' sockets open
-        metrics_server.set_not_ready();
         net::wake_acceptor(local_addr);
         join(acceptor);
         let cut_short = registry.abort_handshakes();

@@ -617,7 +617,7 @@ fn sigterm_closes_every_connection_with_1001_and_exits_0() {
     assert!(output.contains("Server stopped"), "{output}");
 }
 
-/// FAILS because of a server bug: during shutdown `Server::run` keeps `registry.entries()`
+/// Regression: during shutdown `Server::run` once kept `registry.entries()`
 /// (which hold every connection's socket) alive until it returns, so a connection whose
 /// close handshake is complete is not closed (no FIN) while others are still draining.
 #[test]
@@ -676,7 +676,7 @@ fn sigterm_with_a_silent_client_exits_after_the_shutdown_timeout() {
     assert_eq!(frame.code, CloseCode::Away);
 }
 
-/// FAILS because of a server bug: a socket still in its opening handshake is not in the
+/// Regression: a socket still in its opening handshake was once not in the
 /// registry, so shutdown cannot close it, yet its thread holds the "all finished" channel:
 /// the server idles for the whole shutdown timeout plus the 1 s abort grace, then exits
 /// without saying why ("closing 0 connections").
@@ -896,4 +896,38 @@ fn a_bad_environment_value_exits_2() {
     );
     assert_eq!(exit.status.code(), Some(2), "stderr:\n{}", exit.stderr);
     assert!(exit.stderr.contains("notaport"), "{}", exit.stderr);
+}
+
+#[test]
+fn drain_delay_keeps_serving_with_readiness_off_before_closing() {
+    let server = Server::start(&["--drain-delay", "600ms", "--shutdown-timeout", "2s"]);
+    let mut ws = server.connect();
+    assert_eq!(support::http_get(server.metrics, "/readyz").0, 200);
+    let start = Instant::now();
+    server.proc.signal("TERM");
+    support::wait_until("/readyz answers 503", || {
+        support::http_get(server.metrics, "/readyz").0 == 503
+    });
+    // While draining, the old connection still echoes and a new one is still accepted.
+    assert_echo(&mut ws, 100);
+    let mut late = server.connect();
+    assert_echo(&mut late, 10);
+    assert!(
+        start.elapsed() < Duration::from_millis(600),
+        "the checks outlasted the drain delay; make it longer"
+    );
+    for mut ws in [ws, late] {
+        let frame = read_close(&mut ws);
+        assert_eq!(frame.code, CloseCode::Away, "{frame:?}");
+        assert!(
+            start.elapsed() >= Duration::from_millis(600),
+            "closed after {:?}, before the drain delay",
+            start.elapsed()
+        );
+        assert_closed(&mut ws);
+    }
+    let Server { proc, .. } = server;
+    let (status, output) = proc.finish(PATIENCE);
+    assert!(status.success(), "exit status {status}; output:\n{output}");
+    assert!(output.contains("Draining: /readyz answers 503"), "{output}");
 }
