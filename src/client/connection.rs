@@ -21,7 +21,7 @@ use crate::shutdown::Shutdown;
 use crate::stream::{close_frame, SharedStream, WsStream};
 
 /// Read chunk of a connection that only pings (small, as thousands may be held).
-const READ_BUFFER_SIZE: usize = 4096;
+const READ_BUFFER_SIZE: usize = 1024;
 /// Read chunk in load mode, where fewer reads per large echo matter more than memory.
 const LOAD_READ_BUFFER_SIZE: usize = 64 * 1024;
 
