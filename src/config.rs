@@ -197,10 +197,15 @@ impl ClientConfig {
 
     /// The URL the client connects to, e.g. `ws://localhost:3003/ws` or `ws://[::1]:3003/ws`.
     pub fn url(&self) -> String {
+        format!("ws://{}{}", self.host_port(), self.path)
+    }
+
+    /// `HOST:PORT` as the Host header wants it, with brackets around an IPv6 address.
+    pub fn host_port(&self) -> String {
         if self.host.contains(':') && !self.host.starts_with('[') {
-            format!("ws://[{}]:{}{}", self.host, self.port, self.path)
+            format!("[{}]:{}", self.host, self.port)
         } else {
-            format!("ws://{}:{}{}", self.host, self.port, self.path)
+            format!("{}:{}", self.host, self.port)
         }
     }
 }

@@ -213,16 +213,21 @@ pub fn close_frame(role: Role, code: CloseCode, reason: &str) -> Vec<u8> {
     bytes
 }
 
-/// Four unpredictable bytes from std's randomly keyed hasher.
+/// Four unpredictable bytes for a frame mask.
 fn random_mask() -> [u8; 4] {
+    (random_u64() as u32).to_ne_bytes()
+}
+
+/// An unpredictable number from std's randomly keyed hasher (fed the clock, so two calls
+/// differ even if the keys repeat): enough for masks and handshake keys, which must be
+/// unpredictable to proxies, not secret.
+pub fn random_u64() -> u64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64,
-    );
-    (hasher.finish() as u32).to_ne_bytes()
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    hasher.write_u128(now.as_nanos());
+    hasher.finish()
 }
 
 #[cfg(test)]

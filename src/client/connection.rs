@@ -7,12 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use tungstenite::client::IntoClientRequest;
-use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
+use super::handshake;
 use super::load::{Counter, Generator, LoadStats};
 use super::{Slot, CLOSE_TIMEOUT};
 use crate::config::ClientConfig;
@@ -29,7 +28,7 @@ const LOAD_READ_BUFFER_SIZE: usize = 64 * 1024;
 pub fn run(index: u32, config: &ClientConfig, shutdown: &Shutdown, slot: &Slot, stats: &LoadStats) {
     let url = config.url();
     loop {
-        let outcome = match connect(config, &url) {
+        let outcome = match connect(config) {
             Ok((mut socket, stream)) => {
                 stats.add(Counter::Connects, 1);
                 stats.connections_up.fetch_add(1, Ordering::Relaxed);
@@ -83,10 +82,7 @@ fn set_slot(slot: &Slot, stream: Option<Arc<SharedStream>>) {
 }
 
 /// TCP connect plus WebSocket handshake, both within the connect timeout.
-fn connect(
-    config: &ClientConfig,
-    url: &str,
-) -> Result<(WebSocket<WsStream>, Arc<SharedStream>), String> {
+fn connect(config: &ClientConfig) -> Result<(WebSocket<WsStream>, Arc<SharedStream>), String> {
     let deadline = Instant::now() + config.connect_timeout;
     let addrs = (config.host.as_str(), config.port)
         .to_socket_addrs()
@@ -118,10 +114,8 @@ fn connect(
     };
     setup(&tcp).map_err(|error| error.to_string())?;
 
+    let leftover = handshake::upgrade(&tcp, &config.host_port(), &config.path)?;
     let stream = SharedStream::new(tcp);
-    let request = url
-        .into_client_request()
-        .map_err(|error| format!("invalid URL {url}: {error}"))?;
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(if config.load().is_some() {
             LOAD_READ_BUFFER_SIZE
@@ -129,20 +123,12 @@ fn connect(
             READ_BUFFER_SIZE
         })
         .write_buffer_size(0);
-    let socket = match tungstenite::client::client_with_config(
-        request,
+    let socket = WebSocket::from_partially_read(
         WsStream::new(stream.clone()),
+        leftover,
+        Role::Client,
         Some(ws_config),
-    ) {
-        Ok((socket, _response)) => socket,
-        Err(HandshakeError::Interrupted(_)) => {
-            return Err(format!(
-                "handshake timed out after {:?}",
-                config.connect_timeout
-            ))
-        }
-        Err(HandshakeError::Failure(error)) => return Err(format!("handshake failed: {error}")),
-    };
+    );
     // From here on, reads time the pings; writes are small and wait as long as TCP does.
     stream
         .tcp()

@@ -2,6 +2,7 @@
 //! (`client-N`), and closes them all with 1000 on shutdown.
 
 mod connection;
+mod handshake;
 pub mod load;
 
 use std::sync::{Arc, Mutex};

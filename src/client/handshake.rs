@@ -1,0 +1,163 @@
+//! The client's opening handshake (RFC 6455 §4.1), done here rather than by tungstenite so
+//! a connection thread's stack stays small (tungstenite parses responses into 124 headers
+//! on the stack) and a churning client spends less per connection.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+
+use crate::stream::random_u64;
+
+/// Largest response head accepted.
+const MAX_HEAD_SIZE: usize = 8192;
+const MAX_HEADERS: usize = 32;
+
+/// Sends the upgrade request for `path` on `host_port` and checks the server's answer.
+/// Returns the bytes received after the response head (the first WebSocket frames).
+pub fn upgrade(tcp: &TcpStream, host_port: &str, path: &str) -> Result<Vec<u8>, String> {
+    let key = new_key();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host_port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    (&*tcp).write_all(request.as_bytes()).map_err(describe_io)?;
+
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        let len = buf.len();
+        if len == MAX_HEAD_SIZE {
+            return Err("handshake failed: response head larger than 8 KiB".into());
+        }
+        if len == buf.capacity() {
+            buf.reserve(512);
+        }
+        buf.resize(buf.capacity().min(MAX_HEAD_SIZE), 0);
+        let read = (&*tcp).read(&mut buf[len..]);
+        buf.truncate(len + *read.as_ref().unwrap_or(&0));
+        match read {
+            Ok(0) => return Err("handshake failed: the server closed the connection".into()),
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(describe_io(error)),
+        }
+        if let Some(head_len) = check_response(&buf, &key)? {
+            buf.drain(..head_len);
+            return Ok(buf);
+        }
+    }
+}
+
+/// `Ok(None)` while the head is incomplete; `Ok(Some(len))` for a valid 101 of `len` bytes.
+fn check_response(buf: &[u8], key: &str) -> Result<Option<usize>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(error) => return Err(format!("handshake failed: malformed response: {error}")),
+    };
+    let status = response.code.unwrap_or_default();
+    if status != 101 {
+        let reason = response.reason.unwrap_or_default();
+        return Err(format!(
+            "handshake failed: server answered {status} {reason}"
+        ));
+    }
+    let header = |name: &str| {
+        response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.trim_ascii())
+    };
+    if !header("Upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket")) {
+        return Err("handshake failed: 101 without 'Upgrade: websocket'".into());
+    }
+    let connection_upgrade = header("Connection").is_some_and(|v| {
+        v.split(|b| *b == b',')
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    });
+    if !connection_upgrade {
+        return Err("handshake failed: 101 without 'Connection: Upgrade'".into());
+    }
+    let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if header("Sec-WebSocket-Accept") != Some(expected.as_bytes()) {
+        return Err("handshake failed: wrong Sec-WebSocket-Accept".into());
+    }
+    Ok(Some(head_len))
+}
+
+fn describe_io(error: io::Error) -> String {
+    if crate::net::is_timeout(&error) {
+        "handshake timed out".into()
+    } else {
+        format!("handshake failed: {error}")
+    }
+}
+
+/// 16 random bytes in base64, as `Sec-WebSocket-Key` wants.
+fn new_key() -> String {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&random_u64().to_ne_bytes());
+    bytes[8..].copy_from_slice(&random_u64().to_ne_bytes());
+    base64(&bytes)
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_rfc_4648_vectors() {
+        for (input, output) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), output);
+        }
+        let key = new_key();
+        assert_eq!(key.len(), 24);
+        assert!(key.ends_with("=="));
+        assert_ne!(key, new_key());
+    }
+
+    #[test]
+    fn responses_are_checked() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let good =
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                    Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        assert_eq!(check_response(good.as_bytes(), key), Ok(Some(good.len())));
+        assert_eq!(check_response(&good.as_bytes()[..40], key), Ok(None));
+        let wrong_key = good.replace("s3pP", "AAAA");
+        assert!(check_response(wrong_key.as_bytes(), key)
+            .unwrap_err()
+            .contains("Sec-WebSocket-Accept"));
+        let refused = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\n\r\n";
+        assert_eq!(
+            check_response(refused.as_bytes(), key),
+            Err("handshake failed: server answered 503 Service Unavailable".into())
+        );
+    }
+}
