@@ -48,6 +48,24 @@ pub fn is_timeout(error: &io::Error) -> bool {
     )
 }
 
+/// Reads more of an HTTP head from `tcp` straight into `buf`, growing it 1 KiB at a time up
+/// to `max` bytes (a buffer on the stack would stay resident for the thread's whole life).
+/// Returns what `read` returned; `Ok(0)` also when `buf` is already full.
+pub fn read_head_chunk(tcp: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    use std::io::Read;
+    let len = buf.len();
+    if len >= max {
+        return Ok(0);
+    }
+    if len == buf.capacity() {
+        buf.reserve(1024);
+    }
+    buf.resize(buf.capacity().min(max), 0);
+    let read = (&*tcp).read(&mut buf[len..]);
+    buf.truncate(len + *read.as_ref().unwrap_or(&0));
+    read
+}
+
 /// How long [`close_gracefully`] usually waits for the peer to finish sending.
 pub const LINGER: Duration = Duration::from_secs(1);
 

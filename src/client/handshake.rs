@@ -2,7 +2,7 @@
 //! a connection thread's stack stays small (tungstenite parses responses into 124 headers
 //! on the stack) and a churning client spends less per connection.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::TcpStream;
 
 use crate::stream::random_u64;
@@ -23,17 +23,10 @@ pub fn upgrade(tcp: &TcpStream, host_port: &str, path: &str) -> Result<Vec<u8>, 
 
     let mut buf = Vec::with_capacity(512);
     loop {
-        let len = buf.len();
-        if len == MAX_HEAD_SIZE {
+        if buf.len() == MAX_HEAD_SIZE {
             return Err("handshake failed: response head larger than 8 KiB".into());
         }
-        if len == buf.capacity() {
-            buf.reserve(512);
-        }
-        buf.resize(buf.capacity().min(MAX_HEAD_SIZE), 0);
-        let read = (&*tcp).read(&mut buf[len..]);
-        buf.truncate(len + *read.as_ref().unwrap_or(&0));
-        match read {
+        match crate::net::read_head_chunk(tcp, &mut buf, MAX_HEAD_SIZE) {
             Ok(0) => return Err("handshake failed: the server closed the connection".into()),
             Ok(_) => {}
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,

@@ -4,7 +4,7 @@
 //! [`decide`] is pure (bytes in, decision out) so it can be tested and fuzzed on its own;
 //! [`accept`] does the socket I/O around it under the handshake deadline.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -234,8 +234,6 @@ pub enum Handshake {
 /// client trickling a byte at a time is cut off too) and answers it.
 pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<Handshake> {
     let deadline = Instant::now() + timeout;
-    // Read straight into the heap: a buffer on the stack would stay resident for the
-    // connection's whole life, long after the handshake.
     let mut buf = Vec::with_capacity(1024);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -257,14 +255,7 @@ pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<H
             ));
         }
         tcp.set_read_timeout(Some(left))?;
-        let len = buf.len();
-        if len == buf.capacity() {
-            buf.reserve(1024);
-        }
-        buf.resize(buf.capacity().min(MAX_HEAD_SIZE), 0);
-        let read = (&*tcp).read(&mut buf[len..]);
-        buf.truncate(len + *read.as_ref().unwrap_or(&0));
-        match read {
+        match crate::net::read_head_chunk(tcp, &mut buf, MAX_HEAD_SIZE) {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

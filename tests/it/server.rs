@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::process::{Command, ExitStatus, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -15,15 +15,11 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Error as WsError, Message};
 
-use crate::support::{self, Proc, Server, Ws, PATIENCE};
+use crate::support::{self, raw_upgrade, Proc, Server, Ws, PATIENCE, SAMPLE_KEY};
 
 // ----------------------------------------------------------------------------------------
 // Helpers
 // ----------------------------------------------------------------------------------------
-
-/// The RFC 6455 sample key and its accept value.
-const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
 /// The client's local port: the server logs peers as `127.0.0.1:PORT`.
 fn local_port(ws: &Ws) -> u16 {
@@ -126,73 +122,20 @@ fn assert_serves(url: &str) {
     close_normally(ws);
 }
 
-/// Upgrades a raw TCP connection by hand; returns it positioned after the 101 head.
-fn raw_upgrade(addr: SocketAddr) -> TcpStream {
-    let mut tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
-    write!(
-        tcp,
-        "GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tcp.read(&mut byte).unwrap();
-        assert_eq!(
-            n,
-            1,
-            "connection ended during the upgrade: {:?}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-    assert!(
-        head.contains(&format!("Sec-WebSocket-Accept: {ACCEPT}\r\n")),
-        "{head}"
-    );
-    tcp
-}
-
-/// A final client frame with `opcode` and a payload under 126 bytes, masked or not.
+/// A final client frame with `opcode`, masked or not.
 fn client_frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let mut frame = vec![0x80 | opcode, payload.len() as u8];
-    if masked {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        frame[1] |= 0x80;
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    } else {
-        frame.extend_from_slice(payload);
-    }
-    frame
+    let mask = masked.then_some(support::FRAME_MASK);
+    support::encode_frame(0x80 | opcode, payload, mask, None)
 }
 
-/// Reads one short unmasked server frame: (first header byte, payload).
+/// Reads one server frame: (first header byte, payload).
 fn read_server_frame(tcp: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut header = [0u8; 2];
-    tcp.read_exact(&mut header).unwrap();
-    assert_eq!(header[1] & 0x80, 0, "server frames must not be masked");
-    let len = usize::from(header[1]);
-    assert!(len < 126, "expected a short frame, header {header:?}");
-    let mut payload = vec![0u8; len];
-    tcp.read_exact(&mut payload).unwrap();
-    (header[0], payload)
+    support::read_frame(tcp).unwrap()
 }
 
 /// The names of the threads of process `pid`.
 fn thread_names(pid: u32) -> BTreeSet<String> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return BTreeSet::new();
-    };
-    tasks
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim_end().to_owned())
-        .collect()
+    support::thread_names(pid).into_iter().collect()
 }
 
 /// The body of an HTTP response.
@@ -457,7 +400,7 @@ fn http_requests_get_the_right_status_and_leave_the_server_working() {
 
     let response = exchange(&format!(
         "GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 8\r\n\r\n"
+         Sec-WebSocket-Key: {SAMPLE_KEY}\r\nSec-WebSocket-Version: 8\r\n\r\n"
     ));
     assert!(response.starts_with("HTTP/1.1 426 "), "{response}");
     assert!(

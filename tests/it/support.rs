@@ -29,28 +29,7 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` (`"server"` or `"client"`) with `args`.
     pub fn start(bin: &str, args: &[&str]) -> Proc {
-        let path = match bin {
-            "server" => env!("CARGO_BIN_EXE_server"),
-            "client" => env!("CARGO_BIN_EXE_client"),
-            other => panic!("unknown binary {other}"),
-        };
-        let mut child = Command::new(path)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {path}: {e}"));
-        let output = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        collect(stdout, output.clone());
-        collect(stderr, output.clone());
-        Proc {
-            name: format!("{bin} {}", args.join(" ")),
-            child,
-            output,
-        }
+        Proc::start_with_env(bin, args, &[])
     }
 
     /// The process id.
@@ -177,16 +156,7 @@ pub struct Server {
 impl Server {
     /// Starts a server on 127.0.0.1 with ports chosen by the OS and `extra` flags.
     pub fn start(extra: &[&str]) -> Server {
-        let mut args = vec!["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"];
-        args.extend_from_slice(extra);
-        let proc = Proc::start("server", &args);
-        let addr = address_after(&proc.wait_for("Listening on ws://", PATIENCE), "ws://");
-        let metrics = address_after(&proc.wait_for("Metrics on http://", PATIENCE), "http://");
-        Server {
-            proc,
-            addr,
-            metrics,
-        }
+        Server::start_with_env(extra, &[])
     }
 
     /// `ws://ADDR/ws`.
