@@ -96,12 +96,12 @@ impl SharedStream {
 }
 
 /// The owner's half, given to tungstenite: reads freely, writes whole buffers under the lock,
-/// and notes when bytes last arrived (a large frame arriving slowly shows the peer is alive
+/// and counts the bytes that arrive (a large frame arriving slowly shows the peer is alive
 /// before the whole message has).
 #[derive(Debug)]
 pub struct WsStream {
     shared: Arc<SharedStream>,
-    last_read: Instant,
+    bytes_read: u64,
 }
 
 impl WsStream {
@@ -109,22 +109,20 @@ impl WsStream {
     pub fn new(shared: Arc<SharedStream>) -> Self {
         WsStream {
             shared,
-            last_read: Instant::now(),
+            bytes_read: 0,
         }
     }
 
-    /// When bytes last arrived from the peer.
-    pub fn last_read(&self) -> Instant {
-        self.last_read
+    /// Bytes received from the peer so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
     }
 }
 
 impl Read for WsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = (&self.shared.tcp).read(buf)?;
-        if n > 0 {
-            self.last_read = Instant::now();
-        }
+        self.bytes_read += n as u64;
         Ok(n)
     }
 }

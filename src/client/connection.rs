@@ -295,7 +295,10 @@ impl Session<'_> {
             }
         };
         if let Some(generator) = &mut load {
-            generator.end(self.stats);
+            generator.end(
+                self.stats,
+                matches!(outcome, Outcome::Shutdown | Outcome::Finished),
+            );
         }
         outcome
     }

@@ -283,9 +283,12 @@ impl Generator {
         }
     }
 
-    /// The connection ended: whatever is still in flight is lost.
-    pub fn end(&mut self, stats: &LoadStats) {
-        self.local[Counter::Lost as usize] += self.in_flight.len() as u64;
+    /// The connection ended: whatever is still in flight is lost, unless we were stopping
+    /// (then the last messages may never have left: nothing goes out after our Close).
+    pub fn end(&mut self, stats: &LoadStats, stopping: bool) {
+        if !stopping {
+            self.local[Counter::Lost as usize] += self.in_flight.len() as u64;
+        }
         self.in_flight.clear();
         self.flush(stats, true);
     }
@@ -360,7 +363,7 @@ mod tests {
         *bad.last_mut().unwrap() ^= 0xff;
         generator.on_echo(&bad); // body differs
         assert!(generator.finished());
-        generator.end(&stats);
+        generator.end(&stats, false);
         assert_eq!(stats.get(Counter::Sent), 3);
         assert_eq!(stats.get(Counter::Received), 2);
         assert_eq!(stats.get(Counter::Reordered), 1);
@@ -389,7 +392,7 @@ mod tests {
         let stats = LoadStats::default();
         let mut unanswered = Generator::new(config(0), 2);
         unanswered.next_message();
-        unanswered.end(&stats);
+        unanswered.end(&stats, false);
         assert_eq!(stats.get(Counter::Lost), 1);
     }
 }

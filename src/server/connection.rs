@@ -133,10 +133,14 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
         ping_interval,
         idle_timeout,
     } = context.keepalive;
-    // Sending an echo counts as activity too: to a client on a slow link the write itself
-    // can outlast the idle timeout. Our own pings do not: they succeed on a dead connection.
-    let mut last_echo = Instant::now();
-    let mut next_ping = ping_interval.map(|interval| last_echo + interval);
+    // Without keepalive an idle connection just blocks in `read`: no clock, no checks.
+    let keepalive = context.keepalive.tick().is_some();
+    // Bytes arriving count as activity, and so does sending an echo: to a client on a slow
+    // link the write itself can outlast the idle timeout. Our own pings do not: they succeed
+    // on a dead connection too.
+    let mut last_activity = Instant::now();
+    let mut bytes_seen = 0;
+    let mut next_ping = ping_interval.map(|interval| last_activity + interval);
     let mut pings_sent: u64 = 0;
     let mut peer_close = None;
     loop {
@@ -149,7 +153,9 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
                 if let Err(error) = socket.send(message) {
                     return Ending::from_error(error, stream);
                 }
-                last_echo = Instant::now();
+                if keepalive {
+                    last_activity = Instant::now();
+                }
             }
             Ok(Message::Close(frame)) => peer_close = Some(frame),
             // tungstenite queues the pong and sends it before the next read.
@@ -158,9 +164,15 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
             Err(WsError::ConnectionClosed) => return Ending::Closed(peer_close.flatten()),
             Err(error) => return Ending::from_error(error, stream),
         }
+        if !keepalive {
+            continue;
+        }
 
         let now = Instant::now();
-        let last_activity = last_echo.max(socket.get_ref().last_read());
+        if socket.get_ref().bytes_read() != bytes_seen {
+            bytes_seen = socket.get_ref().bytes_read();
+            last_activity = now;
+        }
         if let Some(idle) = idle_timeout.filter(|idle| now.duration_since(last_activity) >= *idle) {
             let reason = "idle timeout";
             let _ = stream.send_close(&close_frame(Role::Server, CloseCode::Away, reason));
