@@ -2,10 +2,11 @@
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
-use log::{debug, warn};
+use log::{debug, error, warn};
 use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
 
 /// The server's metrics in a registry of their own (not the process-global one, so several
@@ -17,7 +18,8 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// `websocket_connections_total`: WebSocket connections accepted since start.
     pub connections_total: IntCounter,
-    /// `websocket_handshake_failures_total`: upgrade requests answered with an error.
+    /// `websocket_handshake_failures_total`: requests answered with an error status, or cut
+    /// off by the handshake timeout (a connect-and-close with nothing sent does not count).
     pub handshake_failures: IntCounter,
     /// `websocket_connections_rejected_total`: connections refused with 503 (at the
     /// connection ceiling, or when the OS refused a thread).
@@ -40,7 +42,7 @@ impl Metrics {
         .expect("valid metric");
         let handshake_failures = IntCounter::new(
             "websocket_handshake_failures_total",
-            "Requests to the WebSocket port that did not become a WebSocket connection",
+            "Requests on the WebSocket port answered with an error status or cut off by the handshake timeout",
         )
         .expect("valid metric");
         let connections_rejected = IntCounter::new(
@@ -89,40 +91,100 @@ impl Default for Metrics {
 
 /// The HTTP endpoint: `/metrics`, `/healthz` (alive) and `/readyz` (accepting connections).
 pub struct MetricsServer {
-    http: Arc<tiny_http::Server>,
+    shared: Arc<Shared>,
     thread: JoinHandle<()>,
-    ready: Arc<AtomicBool>,
 }
+
+struct Shared {
+    ready: AtomicBool,
+    stopping: AtomicBool,
+    /// The tiny_http server now serving, so `stop` can unblock it.
+    current: Mutex<Option<Arc<tiny_http::Server>>>,
+}
+
+/// Wait before serving again after tiny_http gave up (its accept thread ends for good on
+/// an accept error such as EMFILE).
+const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 impl MetricsServer {
     /// Serves `metrics` on `listener` from a thread named `metrics-http`.
     pub fn start(listener: TcpListener, metrics: Metrics) -> std::io::Result<Self> {
-        let http =
-            tiny_http::Server::from_listener(listener, None).map_err(std::io::Error::other)?;
-        let http = Arc::new(http);
-        let ready = Arc::new(AtomicBool::new(true));
+        let shared = Arc::new(Shared {
+            ready: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
+            current: Mutex::new(None),
+        });
+        let first = Arc::new(
+            tiny_http::Server::from_listener(listener.try_clone()?, None)
+                .map_err(std::io::Error::other)?,
+        );
         let thread = thread::Builder::new().name("metrics-http".into()).spawn({
-            let (http, ready) = (http.clone(), ready.clone());
-            move || serve(&http, &metrics, &ready)
+            let shared = shared.clone();
+            move || supervise(listener, first, &metrics, &shared)
         })?;
-        Ok(MetricsServer {
-            http,
-            thread,
-            ready,
-        })
+        Ok(MetricsServer { shared, thread })
     }
 
     /// Makes `/readyz` answer 503, so load balancers stop sending new connections.
     pub fn set_not_ready(&self) {
-        self.ready.store(false, Ordering::SeqCst);
+        self.shared.ready.store(false, Ordering::SeqCst);
     }
 
     /// Stops serving and joins the thread.
     pub fn stop(self) {
-        self.http.unblock();
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Some(http) = self.shared.lock_current().as_ref() {
+            http.unblock();
+        }
         if let Err(panic) = self.thread.join() {
             std::panic::resume_unwind(panic);
         }
+    }
+}
+
+impl Shared {
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Arc<tiny_http::Server>>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Serves until stopped, starting a new tiny_http server on the same listener whenever the
+/// current one gives up, so a burst of EMFILE cannot take the probes down for good.
+fn supervise(
+    listener: TcpListener,
+    first: Arc<tiny_http::Server>,
+    metrics: &Metrics,
+    shared: &Shared,
+) {
+    let mut http = first;
+    loop {
+        *shared.lock_current() = Some(http.clone());
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        serve(&http, metrics, &shared.ready);
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        error!("metrics endpoint stopped accepting; serving again in {RESTART_DELAY:?}");
+        http = loop {
+            let _ = crossbeam_channel::after(RESTART_DELAY).recv();
+            if shared.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let restarted = listener
+                .try_clone()
+                .map_err(|error| error.to_string())
+                .and_then(|clone| {
+                    tiny_http::Server::from_listener(clone, None).map_err(|e| e.to_string())
+                });
+            match restarted {
+                Ok(next) => break Arc::new(next),
+                Err(error) => error!("cannot restart the metrics endpoint: {error}; trying again"),
+            }
+        };
     }
 }
 

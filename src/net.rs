@@ -48,8 +48,9 @@ pub fn is_timeout(error: &io::Error) -> bool {
     )
 }
 
-/// Reads more of an HTTP head from `tcp` straight into `buf`, growing it 1 KiB at a time up
-/// to `max` bytes (a buffer on the stack would stay resident for the thread's whole life).
+/// Reads more of an HTTP head from `tcp` straight into `buf`, growing it (from 1 KiB,
+/// doubling) up to `max` bytes; a buffer on the stack would stay resident for the thread's
+/// whole life.
 /// Returns what `read` returned; `Ok(0)` also when `buf` is already full.
 pub fn read_head_chunk(tcp: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
     use std::io::Read;

@@ -144,6 +144,11 @@ impl Write for WsStream {
             }
             return Err(error);
         }
+        // tungstenite writes each frame as it is made, so a buffer that starts with a Close
+        // opcode is tungstenite's own Close (a reply): ours must not follow it.
+        if buf.first().is_some_and(|byte| byte & 0x0F == 0x8) {
+            writer.done = true;
+        }
         Ok(buf.len())
     }
 
@@ -169,10 +174,12 @@ pub fn close_all(
     let deadline = Instant::now() + timeout;
     let mut busy = live();
     loop {
+        // Past the deadline the rest stay busy: each try may wait CLOSE_WRITE_TIMEOUT.
         busy.retain(|stream| {
-            stream
-                .try_send_close(&frame(), CLOSE_WRITE_TIMEOUT)
-                .is_none()
+            Instant::now() >= deadline
+                || stream
+                    .try_send_close(&frame(), CLOSE_WRITE_TIMEOUT)
+                    .is_none()
         });
         let wake = if busy.is_empty() {
             deadline

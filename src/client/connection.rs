@@ -84,7 +84,8 @@ fn set_slot(slot: &Slot, stream: Option<Arc<SharedStream>>) {
 /// TCP connect plus WebSocket handshake, both within the connect timeout.
 fn connect(config: &ClientConfig) -> Result<(WebSocket<WsStream>, Arc<SharedStream>), String> {
     let deadline = Instant::now() + config.connect_timeout;
-    let addrs = (config.host.as_str(), config.port)
+    let host = config.host.trim_start_matches('[').trim_end_matches(']');
+    let addrs = (host, config.port)
         .to_socket_addrs()
         .map_err(|error| format!("cannot resolve {}: {error}", config.host))?;
     let mut last_error = format!("{} resolved to no address", config.host);
@@ -104,17 +105,8 @@ fn connect(config: &ClientConfig) -> Result<(WebSocket<WsStream>, Arc<SharedStre
         }
     }
     let tcp = connected.ok_or(last_error)?;
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    let setup = |tcp: &TcpStream| -> std::io::Result<()> {
-        tcp.set_nodelay(true)?;
-        tcp.set_read_timeout(Some(left))?;
-        tcp.set_write_timeout(Some(left))
-    };
-    setup(&tcp).map_err(|error| error.to_string())?;
-
-    let leftover = handshake::upgrade(&tcp, &config.host_port(), &config.path)?;
+    tcp.set_nodelay(true).map_err(|error| error.to_string())?;
+    let leftover = handshake::upgrade(&tcp, &config.host_port(), &config.path, deadline)?;
     let stream = SharedStream::new(tcp);
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(if config.load().is_some() {
@@ -129,10 +121,12 @@ fn connect(config: &ClientConfig) -> Result<(WebSocket<WsStream>, Arc<SharedStre
         Role::Client,
         Some(ws_config),
     );
-    // From here on, reads time the pings; writes are small and wait as long as TCP does.
+    // From here on, reads time the pings. A write that makes no progress for as long as a
+    // pong may take means the server stopped reading: the connection is as dead as one
+    // that stopped answering pings.
     stream
         .tcp()
-        .set_write_timeout(None)
+        .set_write_timeout(Some(config.pong_timeout))
         .map_err(|error| error.to_string())?;
     Ok((socket, stream))
 }
@@ -304,6 +298,10 @@ impl Session<'_> {
     }
 
     fn lost(&self, server_close: &Option<Option<CloseFrame>>, error: Option<String>) -> Outcome {
+        if self.shutdown.is_requested() {
+            // Our own shutdown broke the connection (a send cut off by the abort, say).
+            return Outcome::Shutdown;
+        }
         match server_close {
             Some(frame) => Outcome::Lost(format!(
                 "server closed the connection: {}",

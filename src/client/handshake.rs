@@ -4,6 +4,7 @@
 
 use std::io::{self, Write};
 use std::net::TcpStream;
+use std::time::Instant;
 
 use crate::stream::random_u64;
 
@@ -13,12 +14,29 @@ const MAX_HEADERS: usize = 32;
 
 /// Sends the upgrade request for `path` on `host_port` and checks the server's answer.
 /// Returns the bytes received after the response head (the first WebSocket frames).
-pub fn upgrade(tcp: &TcpStream, host_port: &str, path: &str) -> Result<Vec<u8>, String> {
+pub fn upgrade(
+    tcp: &TcpStream,
+    host_port: &str,
+    path: &str,
+    deadline: Instant,
+) -> Result<Vec<u8>, String> {
+    // Every read and write gets what is left until the deadline, so a server trickling its
+    // answer cannot stretch the handshake past it.
+    let time_left = || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("handshake timed out".to_owned());
+        }
+        tcp.set_read_timeout(Some(left))
+            .and_then(|()| tcp.set_write_timeout(Some(left)))
+            .map_err(describe_io)
+    };
     let key = new_key();
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host_port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
+    time_left()?;
     (&*tcp).write_all(request.as_bytes()).map_err(describe_io)?;
 
     let mut buf = Vec::with_capacity(512);
@@ -26,6 +44,7 @@ pub fn upgrade(tcp: &TcpStream, host_port: &str, path: &str) -> Result<Vec<u8>, 
         if buf.len() == MAX_HEAD_SIZE {
             return Err("handshake failed: response head larger than 8 KiB".into());
         }
+        time_left()?;
         match crate::net::read_head_chunk(tcp, &mut buf, MAX_HEAD_SIZE) {
             Ok(0) => return Err("handshake failed: the server closed the connection".into()),
             Ok(_) => {}

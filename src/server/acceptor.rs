@@ -22,7 +22,7 @@ pub const CONNECTION_STACK_SIZE: usize = 64 * 1024;
 /// Backoff bounds after a failed `accept` (EMFILE and friends repeat until a socket closes).
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 /// Sockets waiting for their 503; beyond this a refused socket is simply closed.
-const REJECT_QUEUE: usize = 1024;
+pub const REJECT_QUEUE: usize = 64;
 /// How long the rejecter waits for a refused client's request and for it to hang up.
 const REJECT_LINGER: Duration = Duration::from_millis(100);
 
@@ -36,8 +36,8 @@ pub fn accept_loop(
     let live_threads = Arc::new(AtomicUsize::new(0));
     let (refuse, refused) = crossbeam_channel::bounded(REJECT_QUEUE);
     let rejecter = thread::Builder::new().name("rejecter".into()).spawn({
-        let metrics = context.metrics.clone();
-        move || reject_all(&refused, &metrics.connections_rejected)
+        let (metrics, shutdown) = (context.metrics.clone(), context.shutdown.clone());
+        move || reject_all(&refused, &metrics.connections_rejected, &shutdown)
     });
     if let Err(error) = &rejecter {
         error!("cannot start the rejecter thread: {error}; refused sockets will be closed without a 503");
@@ -63,14 +63,14 @@ pub fn accept_loop(
         }
         backoff = ACCEPT_BACKOFF.0;
         if live_threads.load(Ordering::SeqCst) >= ceiling {
-            refuse_socket(&refuse, tcp, peer, "connection limit reached");
+            refuse_socket(&refuse, tcp, peer, "connection limit reached", context);
             continue;
         }
         next_id += 1;
         let id = next_id;
         live_threads.fetch_add(1, Ordering::SeqCst);
         let thread_guard = ThreadCount(live_threads.clone());
-        let (context, alive) = (context.clone(), alive.clone());
+        let (conn_context, alive) = (context.clone(), alive.clone());
         // The socket goes in through a channel so that it can be taken back if the spawn fails.
         let (hand_over, take) = crossbeam_channel::bounded(1);
         hand_over.send(tcp).expect("the channel has room");
@@ -81,19 +81,19 @@ pub fn accept_loop(
             .spawn(move || {
                 let (_alive, _counted) = (alive, thread_guard);
                 if let Ok(tcp) = take.try_recv() {
-                    connection::run(id, tcp, peer, &context);
+                    connection::run(id, tcp, peer, &conn_context);
                 }
             });
         if let Err(error) = spawned {
             warn!("Cannot start a thread for {peer}: {error}");
             if let Ok(tcp) = take_back.try_recv() {
-                refuse_socket(&refuse, tcp, peer, "cannot start a thread");
+                refuse_socket(&refuse, tcp, peer, "cannot start a thread", context);
             }
         }
     }
     drop(refuse);
     if let Ok(rejecter) = rejecter {
-        let _ = rejecter.join();
+        super::join(rejecter);
     }
 }
 
@@ -111,23 +111,30 @@ fn refuse_socket(
     tcp: TcpStream,
     peer: SocketAddr,
     why: &'static str,
+    context: &Context,
 ) {
-    match refuse.try_send((tcp, peer, why)) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-            debug!("Refused {peer} ({why}); too many refusals queued, closed without a response")
-        }
+    if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+        refuse.try_send((tcp, peer, why))
+    {
+        // A flood: no time to answer each one, but it still counts as refused.
+        context.metrics.connections_rejected.inc();
+        debug!("Refused {peer} ({why}); closed without a response, the 503 queue is full");
     }
 }
 
-/// Answers each refused socket with 503 and `Retry-After`, one at a time.
+/// Answers each refused socket with 503 and `Retry-After`, one at a time; once shutdown has
+/// begun, the ones still queued are just closed, so they cannot hold it up.
 fn reject_all(
     refused: &Receiver<(TcpStream, SocketAddr, &'static str)>,
     counter: &prometheus::IntCounter,
+    shutdown: &crate::shutdown::Shutdown,
 ) {
     let reply = Reply::service_unavailable().to_bytes();
     for (tcp, peer, why) in refused {
         counter.inc();
+        if shutdown.is_requested() {
+            continue;
+        }
         warn!("Refused {peer}: {why}; answered 503");
         // Read the request first: closing with it unread would reset the connection and
         // could destroy the 503 before the client reads it.

@@ -15,8 +15,9 @@ use std::fs;
 pub const MAPS_PER_THREAD: usize = 4;
 /// Maps kept free for the allocator's arenas and everything else the process maps later.
 const MAPS_RESERVE: usize = 512;
-/// File descriptors kept free for the listeners, the metrics server and /proc reads.
-const FDS_RESERVE: usize = 64;
+/// File descriptors kept free for the listeners, the metrics server, /proc reads and the
+/// sockets waiting in the rejecter's queue.
+const FDS_RESERVE: usize = 64 + super::acceptor::REJECT_QUEUE;
 /// Threads (pids) kept free for the rest of the system and our own helper threads.
 const THREADS_RESERVE: usize = 256;
 

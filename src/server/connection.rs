@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
-use tungstenite::error::{CapacityError, ProtocolError};
+use tungstenite::error::ProtocolError;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
@@ -46,7 +46,7 @@ pub struct Context {
 
 /// Server-side liveness checks, both off by default: an idle connection then blocks in
 /// `read` with no timeout at all.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Keepalive {
     /// Send a ping this often.
     pub ping_interval: Option<Duration>,
@@ -90,13 +90,15 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
             net::close_gracefully(tcp, net::LINGER);
             return;
         }
+        // A connect-and-close with nothing sent is a TCP health check or a port scan, not a
+        // failed upgrade.
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            debug!("Upgrade from {peer} failed: {error}");
+            return;
+        }
         Err(error) => {
             context.metrics.handshake_failures.inc();
-            if error.kind() == std::io::ErrorKind::UnexpectedEof {
-                debug!("Upgrade from {peer} failed: {error}");
-            } else {
-                info!("Upgrade from {peer} failed: {error}");
-            }
+            info!("Upgrade from {peer} failed: {error}");
             return;
         }
     };
@@ -211,7 +213,6 @@ impl Ending {
     /// asks for (tungstenite itself sends none), transport errors end the connection.
     fn from_error(error: WsError, stream: &SharedStream) -> Self {
         let code = match &error {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseCode::Size,
             WsError::Capacity(_) => CloseCode::Size,
             WsError::Utf8(_) => CloseCode::Invalid,
             WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {

@@ -256,9 +256,17 @@ pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<H
         }
         tcp.set_read_timeout(Some(left))?;
         match crate::net::read_head_chunk(tcp, &mut buf, MAX_HEAD_SIZE) {
-            Ok(0) => {
+            // Nothing sent at all is a TCP health check or a port scan (UnexpectedEof); a
+            // request cut short is a failed upgrade (ConnectionAborted).
+            Ok(0) if buf.is_empty() => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
+                    "closed without sending a request",
+                ))
+            }
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
                     "closed before completing the request",
                 ))
             }
@@ -277,7 +285,6 @@ pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<H
                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
                 );
                 (&*tcp).write_all(response.as_bytes())?;
-                tcp.set_read_timeout(None)?;
                 buf.drain(..head_len);
                 return Ok(Handshake::Upgraded { leftover: buf });
             }

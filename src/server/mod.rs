@@ -155,7 +155,12 @@ impl Server {
             );
         }
         drop(entries); // holding their streams would keep finished connections' sockets open
-        net::wake_acceptor(local_addr);
+                       // A wake-up connect can fail (a firewall, a full backlog): retry until the acceptor sees it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !acceptor.is_finished() && std::time::Instant::now() < deadline {
+            net::wake_acceptor(local_addr);
+            let _ = crossbeam_channel::after(Duration::from_millis(20)).recv();
+        }
         join(acceptor);
         let cut_short = registry.abort_handshakes();
         if cut_short > 0 {
@@ -203,7 +208,7 @@ fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> std::io::Result<Jo
 }
 
 /// Joins a worker, re-raising its panic.
-fn join(handle: JoinHandle<()>) {
+pub(crate) fn join(handle: JoinHandle<()>) {
     if let Err(panic) = handle.join() {
         std::panic::resume_unwind(panic);
     }

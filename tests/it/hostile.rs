@@ -855,9 +855,12 @@ fn a_thousand_connections_abandoned_mid_handshake() {
         close_normally(ws);
         drop(held);
         fixture.wait_settled(0, &format!("wave {wave} of abandoned handshakes"));
+        // The two thirds that sent part of a request count; the silent third (a TCP probe,
+        // as far as the server can tell) does not.
+        let partial_per_wave = (0..WAVE).filter(|i| i % 3 != 0).count();
         assert_eq!(
             fixture.metric("websocket_handshake_failures_total"),
-            ((wave + 1) * WAVE) as f64
+            ((wave + 1) * partial_per_wave) as f64
         );
     }
     fixture.assert_recovered(0, "1000 abandoned handshakes");
@@ -903,8 +906,8 @@ fn a_flood_of_connects_and_disconnects() {
                             drop(ws);
                         }
                         2 => {
+                            // A bare connect-and-close: a probe, not a failed upgrade.
                             drop(TcpStream::connect(addr).unwrap());
-                            failures.fetch_add(1, Ordering::SeqCst);
                         }
                         3 => {
                             drop(support::raw_upgrade(addr));
