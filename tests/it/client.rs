@@ -717,3 +717,55 @@ fn a_peer_that_stops_answering_during_shutdown_is_not_reported_lost() {
         "status reported after shutdown began: {statuses:#?}\noutput:\n{output}"
     );
 }
+
+/// Reads masked client frames from `tcp` until it ends; returns their opcodes.
+fn client_opcodes_until_eof(tcp: &mut TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    let mut opcodes = Vec::new();
+    let mut header = [0u8; 2];
+    while tcp.read_exact(&mut header).is_ok() {
+        assert_eq!(header[1] & 0x80, 0x80, "client frames must be masked");
+        let len = usize::from(header[1] & 0x7f);
+        assert!(
+            len < 126,
+            "expected short control frames, header {header:?}"
+        );
+        let mut rest = vec![0u8; 4 + len];
+        if tcp.read_exact(&mut rest).is_err() {
+            break;
+        }
+        opcodes.push(header[0] & 0x0f);
+    }
+    opcodes
+}
+
+#[test]
+fn a_close_reply_is_never_followed_by_a_second_close_at_shutdown() {
+    // The server closes first and then keeps the TCP connection open, reading raw frames:
+    // the client answers the Close, and its shutdown must not send another one.
+    let (frames, seen) = std::sync::mpsc::channel();
+    let server = TestServer::start(move |_, mut socket| {
+        socket
+            .send(Message::Close(Some(CloseFrame {
+                code: CloseCode::Away,
+                reason: "going".into(),
+            })))
+            .unwrap();
+        let mut tcp = socket.into_inner();
+        tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+        let _ = frames.send(client_opcodes_until_eof(&mut tcp));
+        None
+    });
+    let mut client = start_client(server.port, &["--reconnect-delay", "10s"]);
+    client.wait_for("[Connection 1] Connected to", PATIENCE);
+    let (status, took) = stop(&mut client, "TERM");
+    assert_clean_exit(&client, status, took);
+    let opcodes = seen
+        .recv_timeout(PATIENCE)
+        .expect("the server saw the client end");
+    let closes = opcodes.iter().filter(|&&op| op == 0x8).count();
+    assert!(
+        closes <= 1,
+        "the client sent {closes} Close frames: opcodes {opcodes:?}"
+    );
+}

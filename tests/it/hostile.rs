@@ -1278,3 +1278,43 @@ fn a_client_uploading_a_large_frame_slowly_is_not_idle() {
     }
     fixture.wait_settled(1, "a slow upload");
 }
+
+#[test]
+fn refused_sockets_waiting_for_their_503_do_not_hold_up_shutdown() {
+    // Each silent refused socket costs the rejecter up to ~200 ms; 30 of them queued would
+    // take ~6 s. Shutdown must not wait for them before closing the live connection.
+    let server = Server::start(&["--max-connections", "1", "--shutdown-timeout", "1s"]);
+    let mut live = server.connect();
+    assert_echo(&mut live, "the one admitted connection");
+    let silent: Vec<TcpStream> = (0..30)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    server.proc.wait_for("Refused", PATIENCE);
+    let Server { mut proc, .. } = server;
+    let start = Instant::now();
+    proc.signal("TERM");
+    let frame = loop {
+        match live.read() {
+            Ok(Message::Close(frame)) => break frame,
+            Ok(_) => {}
+            Err(error) => panic!(
+                "expected Close 1001, got {error}; output:\n{}",
+                proc.output()
+            ),
+        }
+    };
+    assert_eq!(frame.map(|f| f.code), Some(CloseCode::Away));
+    assert!(
+        start.elapsed() < Duration::from_millis(800),
+        "Close 1001 came {:?} after SIGTERM; output:\n{}",
+        start.elapsed(),
+        proc.output()
+    );
+    let status = proc.wait_exit(Duration::from_secs(3));
+    assert!(
+        status.success(),
+        "exit status {status}; output:\n{}",
+        proc.output()
+    );
+    drop(silent);
+}
