@@ -202,6 +202,19 @@ pub fn close_all(
     left.len()
 }
 
+/// How a log line tells a received Close frame: `close 1001 "server shutting down"`.
+pub fn describe_close(frame: &Option<CloseFrame>) -> String {
+    match frame {
+        Some(frame) if frame.reason.is_empty() => format!("close {}", u16::from(frame.code)),
+        Some(frame) => format!(
+            "close {} {:?}",
+            u16::from(frame.code),
+            frame.reason.as_str()
+        ),
+        None => "close without status code".into(),
+    }
+}
+
 /// Encodes a Close frame as `role` must send it (a client masks its frames).
 pub fn close_frame(role: Role, code: CloseCode, reason: &str) -> Vec<u8> {
     let mut frame = Frame::close(Some(CloseFrame {

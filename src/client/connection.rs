@@ -17,7 +17,7 @@ use super::{Slot, CLOSE_TIMEOUT};
 use crate::config::ClientConfig;
 use crate::net;
 use crate::shutdown::Shutdown;
-use crate::stream::{close_frame, SharedStream, WsStream};
+use crate::stream::{close_frame, describe_close, SharedStream, WsStream};
 
 /// Read chunk of a connection that only pings (small, as thousands may be held).
 const READ_BUFFER_SIZE: usize = 1024;
@@ -309,18 +309,6 @@ impl Session<'_> {
             )),
             None => Outcome::Lost(error.unwrap_or_else(|| "connection closed".into())),
         }
-    }
-}
-
-fn describe_close(frame: &Option<CloseFrame>) -> String {
-    match frame {
-        Some(frame) if frame.reason.is_empty() => format!("close {}", u16::from(frame.code)),
-        Some(frame) => format!(
-            "close {} {:?}",
-            u16::from(frame.code),
-            frame.reason.as_str()
-        ),
-        None => "close without status code".into(),
     }
 }
 

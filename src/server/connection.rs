@@ -16,7 +16,7 @@ use super::registry::Registry;
 use crate::metrics::Metrics;
 use crate::net;
 use crate::shutdown::Shutdown;
-use crate::stream::{close_frame, SharedStream, WsStream};
+use crate::stream::{close_frame, describe_close, SharedStream, WsStream};
 
 /// With an idle timeout, the most unsent data the kernel may hold for a connection.
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -242,16 +242,7 @@ fn close_reason(code: CloseCode) -> &'static str {
 impl fmt::Display for Ending {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Ending::Closed(Some(frame)) if frame.reason.is_empty() => {
-                write!(f, "close {}", u16::from(frame.code))
-            }
-            Ending::Closed(Some(frame)) => write!(
-                f,
-                "close {} {:?}",
-                u16::from(frame.code),
-                frame.reason.as_str()
-            ),
-            Ending::Closed(None) => write!(f, "close without status code"),
+            Ending::Closed(frame) => f.write_str(&describe_close(frame)),
             Ending::Failed { code, error } => write!(f, "{error}; sent close {}", u16::from(*code)),
             Ending::Dropped(error) => write!(f, "{error}"),
         }
