@@ -123,15 +123,31 @@ impl Server {
         // Every connection thread holds a clone of `alive`; the channel disconnects when
         // the last one has finished.
         let (alive, all_finished) = crossbeam_channel::bounded::<()>(0);
-        let acceptor = spawn("acceptor", {
+        // The reporter stops with the connections; if a thread cannot start, whatever did
+        // start is stopped before the error is returned.
+        let reporter = match spawn("reporter", {
+            let (registry, closing, interval) =
+                (registry.clone(), closing.clone(), config.log_interval);
+            move || report(&registry, &closing, interval)
+        }) {
+            Ok(reporter) => reporter,
+            Err(error) => {
+                metrics_server.stop();
+                return Err(error.into());
+            }
+        };
+        let acceptor = match spawn("acceptor", {
             let context = context.clone();
             move || acceptor::accept_loop(&listener, &context, capacity.ceiling, alive)
-        })?;
-        let reporter = spawn("reporter", {
-            let (registry, shutdown, interval) =
-                (registry.clone(), shutdown.clone(), config.log_interval);
-            move || report(&registry, &shutdown, interval)
-        })?;
+        }) {
+            Ok(acceptor) => acceptor,
+            Err(error) => {
+                close_connections.trigger();
+                join(reporter);
+                metrics_server.stop();
+                return Err(error.into());
+            }
+        };
         info!("Listening on ws://{local_addr}{}", config.path);
         info!("Metrics on http://{metrics_addr}/metrics");
 
