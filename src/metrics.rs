@@ -35,29 +35,28 @@ impl Metrics {
             "Current number of active WebSocket connections",
         )
         .expect("valid metric");
-        let connections_total = IntCounter::new(
+        registry
+            .register(Box::new(connections.clone()))
+            .expect("metric names are unique");
+        let counter = |name: &str, help: &str| {
+            let counter = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(counter.clone()))
+                .expect("metric names are unique");
+            counter
+        };
+        let connections_total = counter(
             "websocket_connections_total",
             "WebSocket connections accepted since start",
-        )
-        .expect("valid metric");
-        let handshake_failures = IntCounter::new(
+        );
+        let handshake_failures = counter(
             "websocket_handshake_failures_total",
             "Requests on the WebSocket port answered with an error status or cut off by the handshake timeout",
-        )
-        .expect("valid metric");
-        let connections_rejected = IntCounter::new(
+        );
+        let connections_rejected = counter(
             "websocket_connections_rejected_total",
             "Connections refused with 503: at the connection ceiling or without a thread",
-        )
-        .expect("valid metric");
-        for metric in [
-            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(connections_total.clone()),
-            Box::new(handshake_failures.clone()),
-            Box::new(connections_rejected.clone()),
-        ] {
-            registry.register(metric).expect("metric names are unique");
-        }
+        );
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
