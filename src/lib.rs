@@ -23,13 +23,25 @@
 
 pub mod client;
 pub mod config;
+pub mod ending;
 pub mod error;
+mod frame;
 pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod shutdown;
 pub mod stream;
+mod threads;
 
 pub use config::{ClientConfig, ServerConfig};
 pub use error::{Error, Result};
 pub use server::Server;
+
+/// `1 connection`, `2 connections`: a count with its noun, for log lines.
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}

@@ -7,7 +7,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use log::{debug, error, warn};
-use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// The server's metrics in a registry of their own (not the process-global one, so several
 /// servers can live in one process).
@@ -24,6 +24,9 @@ pub struct Metrics {
     /// `websocket_connections_rejected_total`: connections refused with 503 (at the
     /// connection ceiling, or when the OS refused a thread).
     pub connections_rejected: IntCounter,
+    /// `websocket_connections_closed_total{reason,code}`: ended connections by
+    /// [`Reason`](crate::ending::Reason) label and Close code (`none` without one).
+    pub connections_closed: IntCounterVec,
 }
 
 impl Metrics {
@@ -57,6 +60,17 @@ impl Metrics {
             "websocket_connections_rejected_total",
             "Connections refused with 503: at the connection ceiling or without a thread",
         );
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "websocket_connections_closed_total",
+                "WebSocket connections ended, by reason and Close code",
+            ),
+            &["reason", "code"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(connections_closed.clone()))
+            .expect("metric names are unique");
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
@@ -69,6 +83,7 @@ impl Metrics {
             connections_total,
             handshake_failures,
             connections_rejected,
+            connections_closed,
         }
     }
 

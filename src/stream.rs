@@ -8,17 +8,12 @@
 //! Close has gone out, later writes are discarded: RFC 6455 §5.5.1 forbids sending anything
 //! after a Close frame, and tungstenite, which did not see ours, would answer the peer's.
 
-use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-
-use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::frame::Frame;
-use tungstenite::protocol::{CloseFrame, Role};
 
 /// The shared half: the socket and its write lock.
 #[derive(Debug)]
@@ -140,7 +135,7 @@ impl Write for WsStream {
             // A write timeout surfaces as WouldBlock, which the owner would take for a
             // read-timeout tick; this error ends the connection instead.
             if crate::net::is_timeout(&error) {
-                return Err(io::Error::other("write timed out: the peer is not reading"));
+                return Err(crate::ending::write_timed_out());
             }
             return Err(error);
         }
@@ -200,66 +195,4 @@ pub fn close_all(
         let _ = finished.recv_timeout(grace);
     }
     left.len()
-}
-
-/// How a log line tells a received Close frame: `close 1001 "server shutting down"`.
-pub fn describe_close(frame: &Option<CloseFrame>) -> String {
-    match frame {
-        Some(frame) if frame.reason.is_empty() => format!("close {}", u16::from(frame.code)),
-        Some(frame) => format!(
-            "close {} {:?}",
-            u16::from(frame.code),
-            frame.reason.as_str()
-        ),
-        None => "close without status code".into(),
-    }
-}
-
-/// Encodes a Close frame as `role` must send it (a client masks its frames).
-pub fn close_frame(role: Role, code: CloseCode, reason: &str) -> Vec<u8> {
-    let mut frame = Frame::close(Some(CloseFrame {
-        code,
-        reason: reason.to_owned().into(),
-    }));
-    if role == Role::Client {
-        frame.header_mut().mask = Some(random_mask());
-    }
-    let mut bytes = Vec::with_capacity(2 + 4 + 2 + reason.len());
-    frame
-        .format(&mut bytes)
-        .expect("writing to a Vec cannot fail");
-    bytes
-}
-
-/// Four unpredictable bytes for a frame mask.
-fn random_mask() -> [u8; 4] {
-    (random_u64() as u32).to_ne_bytes()
-}
-
-/// An unpredictable number from std's randomly keyed hasher (fed the clock, so two calls
-/// differ even if the keys repeat): enough for masks and handshake keys, which must be
-/// unpredictable to proxies, not secret.
-pub fn random_u64() -> u64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    hasher.write_u128(now.as_nanos());
-    hasher.finish()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn close_frames_are_encoded_for_their_role() {
-        let server = close_frame(Role::Server, CloseCode::Away, "bye");
-        assert_eq!(server, [0x88, 5, 0x03, 0xE9, b'b', b'y', b'e']);
-        let client = close_frame(Role::Client, CloseCode::Normal, "");
-        assert_eq!(client.len(), 2 + 4 + 2);
-        assert_eq!(client[..2], [0x88, 0x80 | 2]);
-        let mask = &client[2..6];
-        assert_eq!([client[6] ^ mask[0], client[7] ^ mask[1]], [0x03, 0xE8]);
-    }
 }

@@ -2,7 +2,6 @@
 //! report it, and reconnect after any loss.
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,12 +11,15 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
 use super::handshake;
-use super::load::{Counter, Generator, LoadStats};
+use super::load::{Generator, LoadConfig};
+use super::stats::{ClientStats, Counter};
 use super::{Slot, CLOSE_TIMEOUT};
 use crate::config::ClientConfig;
+use crate::ending::{describe_close, Ending, Reason};
+use crate::frame::close_frame;
 use crate::net;
 use crate::shutdown::Shutdown;
-use crate::stream::{close_frame, describe_close, SharedStream, WsStream};
+use crate::stream::{SharedStream, WsStream};
 
 /// Read chunk of a connection that only pings (small, as thousands may be held).
 const READ_BUFFER_SIZE: usize = 1024;
@@ -25,26 +27,24 @@ const READ_BUFFER_SIZE: usize = 1024;
 const LOAD_READ_BUFFER_SIZE: usize = 64 * 1024;
 
 /// Connects and reconnects until shutdown.
-pub fn run(index: u32, config: &ClientConfig, shutdown: &Shutdown, slot: &Slot, stats: &LoadStats) {
+pub(super) fn run(
+    index: u32,
+    config: &ClientConfig,
+    shutdown: &Shutdown,
+    slot: &Slot,
+    stats: &ClientStats,
+) {
     let url = config.url();
     loop {
         let outcome = match connect(config) {
             Ok((mut socket, stream)) => {
-                stats.add(Counter::Connects, 1);
-                stats.connections_up.fetch_add(1, Ordering::Relaxed);
+                stats.connection_opened();
                 info!("[Connection {index}] Connected to {url}");
                 set_slot(slot, Some(stream.clone()));
-                let session = Session {
-                    index,
-                    url: &url,
-                    config,
-                    shutdown,
-                    stream: &stream,
-                    stats,
-                };
-                let outcome = session.hold(&mut socket);
+                let outcome =
+                    Session::new(index, &url, config, shutdown, &stream, stats).hold(&mut socket);
                 set_slot(slot, None);
-                stats.connections_up.fetch_sub(1, Ordering::Relaxed);
+                stats.connection_ended(outcome.reason());
                 outcome
             }
             Err(error) => {
@@ -58,9 +58,9 @@ pub fn run(index: u32, config: &ClientConfig, shutdown: &Shutdown, slot: &Slot, 
                 debug!("[Connection {index}] Sent all its messages; connecting again");
                 continue;
             }
-            Outcome::Lost(reason) => {
+            Outcome::Lost(ending) => {
                 stats.add(Counter::Losses, 1);
-                warn!("[Connection {index}] Connection lost: {reason}");
+                warn!("[Connection {index}] Connection lost: {ending}");
             }
             Outcome::Failed(error) => warn!("[Connection {index}] Connection failed: {error}"),
         }
@@ -109,7 +109,7 @@ fn connect(config: &ClientConfig) -> Result<(WebSocket<WsStream>, Arc<SharedStre
     let leftover = handshake::upgrade(&tcp, &config.host_port(), &config.path, deadline)?;
     let stream = SharedStream::new(tcp);
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(if config.load().is_some() {
+        .read_buffer_size(if LoadConfig::from_config(config).is_some() {
             LOAD_READ_BUFFER_SIZE
         } else {
             READ_BUFFER_SIZE
@@ -137,186 +137,301 @@ enum Outcome {
     Shutdown,
     /// Load mode: the connection sent its messages and closed normally.
     Finished,
-    /// The connection was lost, for this reason.
-    Lost(String),
+    /// The connection was lost.
+    Lost(Ending),
     /// The connection could not be made.
     Failed(String),
 }
 
-/// One established connection and what it needs while it lasts.
+impl Outcome {
+    /// The reason an established connection ended.
+    fn reason(&self) -> Reason {
+        match self {
+            Outcome::Shutdown => Reason::Shutdown,
+            Outcome::Finished => Reason::Finished,
+            Outcome::Lost(ending) => ending.reason,
+            Outcome::Failed(_) => Reason::Error,
+        }
+    }
+}
+
+/// One established connection as a state machine: its deadlines (the next ping, the pong
+/// expected, the next status line, the next load message, the end of a close handshake)
+/// decide the next wake-up, which the socket's read timeout delivers. Each event has its
+/// handler: [`on_timers`](Self::on_timers) when woken, [`on_message`](Self::on_message)
+/// for a frame, [`on_error`](Self::on_error) when the read fails.
 struct Session<'a> {
     index: u32,
     url: &'a str,
     config: &'a ClientConfig,
     shutdown: &'a Shutdown,
     stream: &'a SharedStream,
-    stats: &'a LoadStats,
+    stats: &'a ClientStats,
+    next_ping: Instant,
+    pong_due: Option<Instant>,
+    pings_sent: u64,
+    next_status: Instant,
+    load: Option<Load>,
+    /// Set once a close handshake is under way, by us or by the server.
+    closing: Option<Closing>,
+    /// The read timeout now set on the socket.
+    read_timeout: Option<Duration>,
 }
 
-impl Session<'_> {
-    /// Keeps the connection: pings every interval, expects a pong within the pong timeout,
-    /// logs its status, sends load messages, and notices a close or error. Returns when the
-    /// connection is gone.
-    fn hold(&self, socket: &mut WebSocket<WsStream>) -> Outcome {
-        let (config, index) = (self.config, self.index);
+/// Load mode's part of a session.
+struct Load {
+    generator: Generator,
+    /// When the next message goes out; `None` while a closed loop waits for its echo.
+    next_send: Option<Instant>,
+}
+
+/// A close handshake under way.
+struct Closing {
+    /// When to stop waiting for its completion.
+    deadline: Instant,
+    /// We started it because the load is done (rather than at shutdown or the server's
+    /// request).
+    finished: bool,
+    /// The server's Close frame, once it has come.
+    server_close: Option<Option<CloseFrame>>,
+}
+
+impl<'a> Session<'a> {
+    fn new(
+        index: u32,
+        url: &'a str,
+        config: &'a ClientConfig,
+        shutdown: &'a Shutdown,
+        stream: &'a SharedStream,
+        stats: &'a ClientStats,
+    ) -> Self {
         let start = Instant::now();
-        let mut next_ping = start + config.ping_interval;
-        let mut next_status = start + config.status_interval;
-        let mut pong_due: Option<Instant> = None;
-        let mut pings_sent: u64 = 0;
-        let mut load = config.load().map(|load| Generator::new(load, index));
-        let mut next_send = load.as_ref().map(|_| start);
-        // Set once a close handshake is under way: by us (shutdown, or load finished) or by
-        // the server.
-        let mut closing: Option<Instant> = None;
-        let mut finished = false;
-        let mut server_close: Option<Option<CloseFrame>> = None;
-        let mut read_timeout: Option<Duration> = None;
+        Session {
+            index,
+            url,
+            config,
+            shutdown,
+            stream,
+            stats,
+            next_ping: start + config.ping_interval,
+            pong_due: None,
+            pings_sent: 0,
+            next_status: start + config.status_interval,
+            load: LoadConfig::from_config(config).map(|load| Load {
+                generator: Generator::new(load, index),
+                next_send: Some(start),
+            }),
+            closing: None,
+            read_timeout: None,
+        }
+    }
 
+    /// Holds the connection until it is gone: pings, pong deadline, status lines, load
+    /// messages, and the close handshake.
+    fn hold(mut self, socket: &mut WebSocket<WsStream>) -> Outcome {
         let outcome = loop {
-            let now = Instant::now();
-            if self.shutdown.is_requested() && closing.is_none() {
-                let frame = close_frame(Role::Client, CloseCode::Normal, "client shutting down");
-                let _ = self.stream.send_close(&frame);
-                closing = Some(now + CLOSE_TIMEOUT);
+            if let Some(outcome) = self.on_timers(socket) {
+                break outcome;
             }
-            match closing {
-                Some(deadline) if now >= deadline => {
-                    break match server_close {
-                        _ if self.shutdown.is_requested() => Outcome::Shutdown,
-                        Some(_) if finished => Outcome::Finished,
-                        Some(_) => self.lost(&server_close, None),
-                        None => self.lost(&server_close, Some("close handshake timed out".into())),
-                    }
-                }
-                Some(_) => {}
-                None => {
-                    if pong_due.is_some_and(|due| now >= due) {
-                        break Outcome::Lost(format!("no pong within {:?}", config.pong_timeout));
-                    }
-                    if now >= next_ping {
-                        pings_sent += 1;
-                        let ping = Message::Ping(pings_sent.to_be_bytes().to_vec().into());
-                        if let Err(error) = socket.send(ping) {
-                            break self.lost(&server_close, Some(format!("ping failed: {error}")));
-                        }
-                        pong_due.get_or_insert(now + config.pong_timeout);
-                        next_ping = now + config.ping_interval;
-                    }
-                    if now >= next_status {
-                        info!(
-                            "[Connection {index}] Connection status: CONNECTED to {}",
-                            self.url
-                        );
-                        next_status = now + config.status_interval;
-                    }
-                    if let Some(generator) = &mut load {
-                        if generator.finished() {
-                            finished = true;
-                            next_send = None;
-                            let frame = close_frame(Role::Client, CloseCode::Normal, "done");
-                            let _ = self.stream.send_close(&frame);
-                            closing = Some(now + CLOSE_TIMEOUT);
-                        } else if let Some(due) = next_send.filter(|due| now >= *due) {
-                            if let Err(error) =
-                                socket.send(Message::Binary(generator.next_message()))
-                            {
-                                break self
-                                    .lost(&server_close, Some(format!("send failed: {error}")));
-                            }
-                            // Keep the rate, but never try to catch up with a burst.
-                            next_send = generator.next_send(due).map(|next| next.max(now));
-                        }
-                        generator.flush(self.stats, false);
-                    }
-                }
-            }
-
-            let wake = [
-                Some(next_ping),
-                Some(next_status),
-                pong_due,
-                closing,
-                next_send,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            let wanted = wake.map_or(config.ping_interval, |at| {
-                at.saturating_duration_since(Instant::now())
-            });
-            let wanted = wanted.max(Duration::from_millis(1));
-            // A timeout longer than needed would oversleep a deadline; a shorter one only
-            // wakes the loop early. Skip the system call when the current one is close enough.
-            if read_timeout.is_none_or(|current| wanted < current || wanted > current * 2) {
-                if let Err(error) = self.stream.tcp().set_read_timeout(Some(wanted)) {
-                    break self.lost(&server_close, Some(error.to_string()));
-                }
-                read_timeout = Some(wanted);
+            if let Err(error) = self.set_read_timeout() {
+                break self.lost(Ending::from_io(&error));
             }
             match socket.read() {
-                Ok(Message::Binary(echo)) => {
-                    if let Some(generator) = &mut load {
-                        generator.on_echo(&echo);
-                        if next_send.is_none() && !finished {
-                            next_send = generator.next_send(Instant::now());
-                        }
-                    }
-                }
-                Ok(Message::Pong(_)) => {
-                    if pong_due.take().is_some() {
-                        debug!("[Connection {index}] pong");
-                    }
-                }
-                Ok(Message::Close(frame)) => {
-                    debug!(
-                        "[Connection {index}] server sent close: {}",
-                        describe_close(&frame)
-                    );
-                    server_close = Some(frame);
-                    closing.get_or_insert(Instant::now() + CLOSE_TIMEOUT);
-                }
-                Ok(_) => {}
+                Ok(message) => self.on_message(message),
                 Err(WsError::Io(error)) if net::is_timeout(&error) => {}
-                Err(_) if self.shutdown.is_requested() => break Outcome::Shutdown,
-                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) if finished => {
-                    break Outcome::Finished
-                }
-                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
-                    break self.lost(&server_close, None)
-                }
-                Err(error) => break self.lost(&server_close, Some(describe_error(&error))),
+                Err(error) => break self.on_error(&error),
             }
         };
-        if let Some(generator) = &mut load {
-            generator.end(
-                self.stats,
-                matches!(outcome, Outcome::Shutdown | Outcome::Finished),
-            );
+        if let Some(load) = &mut self.load {
+            let stopping = matches!(outcome, Outcome::Shutdown | Outcome::Finished);
+            load.generator.end(self.stats, stopping);
         }
         outcome
     }
 
-    fn lost(&self, server_close: &Option<Option<CloseFrame>>, error: Option<String>) -> Outcome {
+    /// Does whatever is due now; returns the outcome once the connection is over.
+    fn on_timers(&mut self, socket: &mut WebSocket<WsStream>) -> Option<Outcome> {
+        let now = Instant::now();
+        if self.shutdown.is_requested() && self.closing.is_none() {
+            self.start_close("client shutting down", false);
+        }
+        if let Some(closing) = &self.closing {
+            return (now >= closing.deadline).then(|| self.close_timed_out());
+        }
+        if self.pong_due.is_some_and(|due| now >= due) {
+            let waited = self.config.pong_timeout;
+            return Some(self.lost(Ending::new(
+                Reason::PongTimeout,
+                format!("no pong within {waited:?}"),
+            )));
+        }
+        if now >= self.next_ping {
+            self.pings_sent += 1;
+            let ping = Message::Ping(self.pings_sent.to_be_bytes().to_vec().into());
+            if let Err(error) = socket.send(ping) {
+                return Some(self.lost(failed("ping", &error)));
+            }
+            self.stats.add(Counter::Pings, 1);
+            self.pong_due.get_or_insert(now + self.config.pong_timeout);
+            self.next_ping = now + self.config.ping_interval;
+        }
+        if now >= self.next_status {
+            info!(
+                "[Connection {}] Connection status: CONNECTED to {}",
+                self.index, self.url
+            );
+            self.next_status = now + self.config.status_interval;
+        }
+        self.send_load(socket, now)
+    }
+
+    /// Load mode: sends the message that is due, or starts the close once all are echoed.
+    fn send_load(&mut self, socket: &mut WebSocket<WsStream>, now: Instant) -> Option<Outcome> {
+        let load = self.load.as_mut()?;
+        if load.generator.finished() {
+            load.next_send = None;
+            self.start_close("done", true);
+            return None;
+        }
+        if let Some(due) = load.next_send.filter(|due| now >= *due) {
+            if let Err(error) = socket.send(Message::Binary(load.generator.next_message())) {
+                return Some(self.lost(failed("send", &error)));
+            }
+            // Keep the rate, but never try to catch up with a burst.
+            load.next_send = load.generator.next_send(due).map(|next| next.max(now));
+        }
+        load.generator.flush(self.stats, false);
+        None
+    }
+
+    fn on_message(&mut self, message: Message) {
+        match message {
+            Message::Binary(echo) => {
+                let finished = self.closing.as_ref().is_some_and(|c| c.finished);
+                if let Some(load) = &mut self.load {
+                    load.generator.on_echo(&echo);
+                    if load.next_send.is_none() && !finished {
+                        load.next_send = load.generator.next_send(Instant::now());
+                    }
+                }
+            }
+            Message::Pong(_) if self.pong_due.take().is_some() => {
+                self.stats.add(Counter::Pongs, 1);
+                debug!("[Connection {}] pong", self.index);
+            }
+            Message::Close(frame) => {
+                debug!(
+                    "[Connection {}] server sent close: {}",
+                    self.index,
+                    describe_close(&frame)
+                );
+                let closing = self.closing.get_or_insert(Closing {
+                    deadline: Instant::now() + CLOSE_TIMEOUT,
+                    finished: false,
+                    server_close: None,
+                });
+                closing.server_close = Some(frame);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_error(&self, error: &WsError) -> Outcome {
         if self.shutdown.is_requested() {
             // Our own shutdown broke the connection (a send cut off by the abort, say).
             return Outcome::Shutdown;
         }
-        match server_close {
-            Some(frame) => Outcome::Lost(format!(
-                "server closed the connection: {}",
-                describe_close(frame)
-            )),
-            None => Outcome::Lost(error.unwrap_or_else(|| "connection closed".into())),
+        match (error, &self.closing) {
+            (WsError::ConnectionClosed | WsError::AlreadyClosed, Some(closing))
+                if closing.finished =>
+            {
+                Outcome::Finished
+            }
+            (WsError::ConnectionClosed | WsError::AlreadyClosed, _) => {
+                self.lost(Ending::new(Reason::Eof, "connection closed"))
+            }
+            _ => self.lost(Ending::from_ws_error(error)),
         }
+    }
+
+    /// Sends our Close frame and gives the server [`CLOSE_TIMEOUT`] to answer it.
+    fn start_close(&mut self, reason: &str, finished: bool) {
+        let _ = self
+            .stream
+            .send_close(&close_frame(Role::Client, CloseCode::Normal, reason));
+        self.closing = Some(Closing {
+            deadline: Instant::now() + CLOSE_TIMEOUT,
+            finished,
+            server_close: None,
+        });
+    }
+
+    /// The close handshake did not complete in time.
+    fn close_timed_out(&self) -> Outcome {
+        let closing = self.closing.as_ref().expect("a close is under way");
+        match closing.server_close {
+            _ if self.shutdown.is_requested() => Outcome::Shutdown,
+            Some(_) if closing.finished => Outcome::Finished,
+            Some(_) => self.lost(Ending::new(Reason::Eof, "connection closed")),
+            None => self.lost(Ending::new(Reason::Error, "close handshake timed out")),
+        }
+    }
+
+    /// The connection is gone, for `ending` or, if the server had sent a Close, for that.
+    fn lost(&self, ending: Ending) -> Outcome {
+        if self.shutdown.is_requested() {
+            return Outcome::Shutdown;
+        }
+        match self.closing.as_ref().and_then(|c| c.server_close.as_ref()) {
+            Some(frame) => {
+                let mut ending = Ending::peer_close(frame);
+                ending.detail = format!("server closed the connection: {}", ending.detail);
+                Outcome::Lost(ending)
+            }
+            None => Outcome::Lost(ending),
+        }
+    }
+
+    /// Sets the read timeout to wake at the next deadline. A timeout longer than needed
+    /// would oversleep a deadline; a shorter one only wakes the loop early, so the system
+    /// call is skipped while the current one is close enough.
+    fn set_read_timeout(&mut self) -> std::io::Result<()> {
+        let wanted = self
+            .next_wake()
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        if self
+            .read_timeout
+            .is_none_or(|current| wanted < current || wanted > current * 2)
+        {
+            self.stream.tcp().set_read_timeout(Some(wanted))?;
+            self.read_timeout = Some(wanted);
+        }
+        Ok(())
+    }
+
+    /// The earliest deadline.
+    fn next_wake(&self) -> Instant {
+        if let Some(closing) = &self.closing {
+            return closing.deadline;
+        }
+        let next_send = self.load.as_ref().and_then(|load| load.next_send);
+        [
+            Some(self.next_ping),
+            Some(self.next_status),
+            self.pong_due,
+            next_send,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("pings are always scheduled")
     }
 }
 
-fn describe_error(error: &WsError) -> String {
-    match error {
-        WsError::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
-            "connection closed without a close frame".into()
-        }
-        other => other.to_string(),
-    }
+/// A failed ping or load send.
+fn failed(what: &str, error: &WsError) -> Ending {
+    let mut ending = Ending::from_ws_error(error);
+    ending.detail = format!("{what} failed: {}", ending.detail);
+    ending
 }

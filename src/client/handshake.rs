@@ -6,8 +6,6 @@ use std::io::{self, Write};
 use std::net::TcpStream;
 use std::time::Instant;
 
-use crate::stream::random_u64;
-
 /// Largest response head accepted.
 const MAX_HEAD_SIZE: usize = 8192;
 const MAX_HEADERS: usize = 32;
@@ -31,7 +29,7 @@ pub fn upgrade(
             .and_then(|()| tcp.set_write_timeout(Some(left)))
             .map_err(describe_io)
     };
-    let key = new_key();
+    let key = tungstenite::handshake::client::generate_key();
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host_port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -106,53 +104,9 @@ fn describe_io(error: io::Error) -> String {
     }
 }
 
-/// 16 random bytes in base64, as `Sec-WebSocket-Key` wants.
-fn new_key() -> String {
-    let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&random_u64().to_ne_bytes());
-    bytes[8..].copy_from_slice(&random_u64().to_ne_bytes());
-    base64(&bytes)
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_the_rfc_4648_vectors() {
-        for (input, output) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(input.as_bytes()), output);
-        }
-        let key = new_key();
-        assert_eq!(key.len(), 24);
-        assert!(key.ends_with("=="));
-        assert_ne!(key, new_key());
-    }
 
     #[test]
     fn responses_are_checked() {

@@ -1,24 +1,22 @@
 //! Load mode: every connection sends messages that carry its id, a sequence number and a
 //! checksum, verifies each echo byte for byte, and measures round trips. Counters are kept
-//! per connection thread and folded into the shared [`LoadStats`] every [`FLUSH_EVERY`], so
-//! connection threads do not contend on one cache line per message.
+//! per connection thread and folded into the shared [`ClientStats`] every [`FLUSH_EVERY`],
+//! so connection threads do not contend on one cache line per message.
 
 use std::collections::VecDeque;
-use std::fmt;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tungstenite::Bytes;
+
+use super::stats::{new_histogram, ClientStats, Counter, MAX_RTT_MICROS};
+use crate::config::ClientConfig;
 
 /// Bytes of the header every load message starts with: connection id (4), sequence
 /// number (8), checksum of those two (4).
 pub const HEADER_SIZE: usize = 16;
 /// How often a connection thread folds its counters into the shared ones.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
-/// Round trips above this are recorded as this (microseconds).
-const MAX_RTT_MICROS: u64 = 60_000_000;
 
 /// What load each connection generates.
 #[derive(Debug, Clone, Copy)]
@@ -31,150 +29,14 @@ pub struct LoadConfig {
     pub messages_per_connection: u64,
 }
 
-/// Counters shared by all connections of the process.
-#[derive(Debug)]
-pub struct LoadStats {
-    /// Connections currently open.
-    pub connections_up: AtomicI64,
-    counters: [AtomicU64; Counter::COUNT],
-    rtt_micros: Mutex<Histogram<u64>>,
-}
-
-/// The things counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum Counter {
-    /// Messages sent.
-    Sent,
-    /// Echoes received and verified.
-    Received,
-    /// Payload bytes sent.
-    BytesSent,
-    /// Payload bytes received.
-    BytesReceived,
-    /// Echoes that differ from what was sent (wrong id, checksum or body).
-    Corrupted,
-    /// Echoes that arrived after a later message's echo.
-    Reordered,
-    /// Messages whose echo never came (counted when their connection ends).
-    Lost,
-    /// WebSocket handshakes completed.
-    Connects,
-    /// Connection attempts that failed.
-    ConnectFailures,
-    /// Established connections lost (error, close by the server, pong timeout).
-    Losses,
-}
-
-impl Counter {
-    const COUNT: usize = 10;
-}
-
-impl Default for LoadStats {
-    fn default() -> Self {
-        LoadStats {
-            connections_up: AtomicI64::new(0),
-            counters: Default::default(),
-            rtt_micros: Mutex::new(new_histogram()),
-        }
-    }
-}
-
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_RTT_MICROS, 3).expect("valid histogram bounds")
-}
-
-impl LoadStats {
-    /// Adds `n` to a counter.
-    pub fn add(&self, counter: Counter, n: u64) {
-        self.counters[counter as usize].fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// The current value of a counter.
-    pub fn get(&self, counter: Counter) -> u64 {
-        self.counters[counter as usize].load(Ordering::Relaxed)
-    }
-
-    /// A copy of everything, for a report.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            at: Instant::now(),
-            connections_up: self.connections_up.load(Ordering::Relaxed),
-            counters: std::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed)),
-            rtt_micros: self
-                .rtt_micros
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        }
-    }
-}
-
-/// The shared counters at one moment.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    at: Instant,
-    connections_up: i64,
-    counters: [u64; Counter::COUNT],
-    rtt_micros: Histogram<u64>,
-}
-
-impl Snapshot {
-    fn get(&self, counter: Counter) -> u64 {
-        self.counters[counter as usize]
-    }
-
-    /// A report of the period from `earlier` to this snapshot: rates and round trips over
-    /// the period, message and error counts since the start.
-    pub fn report_since(&self, earlier: &Snapshot) -> Report {
-        let mut rtt_micros = self.rtt_micros.clone();
-        let _ = rtt_micros.subtract(&earlier.rtt_micros);
-        Report {
-            seconds: self.at.duration_since(earlier.at).as_secs_f64(),
-            earlier: earlier.counters,
-            now: self.clone(),
-            rtt_micros,
-        }
-    }
-}
-
-/// A one-line summary: `connections=.. messages/s=.. ...`; keys never contain spaces so
-/// scripts can split on them.
-pub struct Report {
-    seconds: f64,
-    earlier: [u64; Counter::COUNT],
-    now: Snapshot,
-    rtt_micros: Histogram<u64>,
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let seconds = self.seconds.max(1e-9);
-        let delta = |c: Counter| self.now.get(c) - self.earlier[c as usize];
-        let rtt = &self.rtt_micros;
-        let ms = |micros: u64| micros as f64 / 1000.0;
-        write!(
-            f,
-            "connections={} messages/s={:.0} sent_MB/s={:.2} received_MB/s={:.2} \
-             rtt_ms_p50={:.3} rtt_ms_p90={:.3} rtt_ms_p99={:.3} rtt_ms_max={:.3} \
-             sent={} received={} corrupted={} reordered={} lost={} connects={} connect_failures={} losses={}",
-            self.now.connections_up,
-            delta(Counter::Received) as f64 / seconds,
-            delta(Counter::BytesSent) as f64 / seconds / 1e6,
-            delta(Counter::BytesReceived) as f64 / seconds / 1e6,
-            ms(rtt.value_at_quantile(0.50)),
-            ms(rtt.value_at_quantile(0.90)),
-            ms(rtt.value_at_quantile(0.99)),
-            ms(rtt.max()),
-            self.now.get(Counter::Sent),
-            self.now.get(Counter::Received),
-            self.now.get(Counter::Corrupted),
-            self.now.get(Counter::Reordered),
-            self.now.get(Counter::Lost),
-            self.now.get(Counter::Connects),
-            self.now.get(Counter::ConnectFailures),
-            self.now.get(Counter::Losses),
-        )
+impl LoadConfig {
+    /// The load each connection of `config` generates, if load mode is on.
+    pub fn from_config(config: &ClientConfig) -> Option<LoadConfig> {
+        config.message_size.map(|message_size| LoadConfig {
+            message_size,
+            interval: config.message_interval,
+            messages_per_connection: config.messages_per_connection.unwrap_or(0),
+        })
     }
 }
 
@@ -266,26 +128,21 @@ impl Generator {
     }
 
     /// Folds local counts into `stats` if [`FLUSH_EVERY`] has passed (or `force`).
-    pub fn flush(&mut self, stats: &LoadStats, force: bool) {
+    pub fn flush(&mut self, stats: &ClientStats, force: bool) {
         if !force && self.last_flush.elapsed() < FLUSH_EVERY {
             return;
         }
         self.last_flush = Instant::now();
-        for (i, n) in self.local.iter_mut().enumerate() {
-            if *n > 0 {
-                stats.counters[i].fetch_add(std::mem::take(n), Ordering::Relaxed);
-            }
-        }
+        stats.add_all(&mut self.local);
         if !self.rtt_micros.is_empty() {
-            let mut shared = stats.rtt_micros.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = shared.add(&self.rtt_micros);
+            stats.record_rtts(&self.rtt_micros);
             self.rtt_micros.reset();
         }
     }
 
     /// The connection ended: whatever is still in flight is lost, unless we were stopping
     /// (then the last messages may never have left: nothing goes out after our Close).
-    pub fn end(&mut self, stats: &LoadStats, stopping: bool) {
+    pub fn end(&mut self, stats: &ClientStats, stopping: bool) {
         if !stopping {
             self.local[Counter::Lost as usize] += self.in_flight.len() as u64;
         }
@@ -352,7 +209,7 @@ mod tests {
 
     #[test]
     fn generator_counts_echoes_reorders_corruption_and_losses() {
-        let stats = LoadStats::default();
+        let stats = ClientStats::default();
         let mut generator = Generator::new(config(10), 1);
         let first = generator.next_message();
         let second = generator.next_message();
@@ -389,7 +246,7 @@ mod tests {
         assert_eq!(generator.next_send(now), None);
         generator.on_echo(&message);
         assert_eq!(generator.next_send(now), Some(now));
-        let stats = LoadStats::default();
+        let stats = ClientStats::default();
         let mut unanswered = Generator::new(config(0), 2);
         unanswered.next_message();
         unanswered.end(&stats, false);

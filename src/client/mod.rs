@@ -4,6 +4,7 @@
 mod connection;
 mod handshake;
 pub mod load;
+mod stats;
 
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -15,9 +16,12 @@ use tungstenite::protocol::Role;
 
 use crate::config::ClientConfig;
 use crate::error::Result;
-use crate::shutdown::{self, Shutdown};
-use crate::stream::{close_all, close_frame, SharedStream};
-use load::LoadStats;
+use crate::frame::close_frame;
+use crate::shutdown::Shutdown;
+use crate::stream::{close_all, SharedStream};
+use crate::threads::{self, Helpers};
+use load::LoadConfig;
+pub use stats::{ClientStats, Counter};
 
 /// Stack of a connection thread: the handshake (URL and HTTP parsing) needs more than the
 /// server's echo loop, still far below std's 2 MiB default.
@@ -30,117 +34,139 @@ const ABORT_GRACE: Duration = Duration::from_millis(200);
 /// The socket each connection thread currently holds, so shutdown can reach it.
 type Slot = Mutex<Option<Arc<SharedStream>>>;
 
-/// Runs the connections until `shutdown` is requested (or `--duration` has passed); returns
-/// within about a second of it, after logging the final summary.
-pub fn run(config: ClientConfig, shutdown: Shutdown) -> Result<()> {
-    let config = Arc::new(config);
-    let slots: Arc<[Slot]> = (0..config.connections).map(|_| Mutex::new(None)).collect();
-    let stats = Arc::new(LoadStats::default());
-    // The connection threads stop on `stop`: a signal, or the end of `--duration`.
-    let (stop_trigger, stop) = shutdown::channel();
-    let (alive, all_finished) = crossbeam_channel::bounded::<()>(0);
-    info!(
-        "Starting {} connection(s) to {}",
-        config.connections,
-        config.url()
-    );
-    let mut threads = Vec::with_capacity(config.connections as usize);
-    for index in 1..=config.connections {
-        let (config, stop, slots, stats, alive) = (
-            config.clone(),
-            stop.clone(),
-            slots.clone(),
-            stats.clone(),
-            alive.clone(),
-        );
-        let ramp_delay = config.ramp.map_or(Duration::ZERO, |per_second| {
-            Duration::from_secs_f64(f64::from(index - 1) / f64::from(per_second))
-        });
-        let spawned = thread::Builder::new()
-            .name(format!("client-{index}"))
-            .stack_size(CONNECTION_STACK_SIZE)
-            .spawn(move || {
-                let _alive = alive;
-                if !ramp_delay.is_zero() && stop.wait_timeout(ramp_delay) {
-                    return;
-                }
-                connection::run(index, &config, &stop, &slots[index as usize - 1], &stats);
-            });
-        match spawned {
-            Ok(handle) => threads.push(handle),
-            Err(error) => {
-                error!(
-                    "Cannot start a thread for connection {index}: {error}; running {} connections",
-                    index - 1
-                );
-                break;
-            }
-        }
-    }
-    drop(alive);
-    let reporter = thread::Builder::new().name("load-report".into()).spawn({
-        let (stats, stop, interval) = (stats.clone(), stop.clone(), config.report_interval);
-        move || report(&stats, &stop, interval)
-    })?;
-    let started = stats.snapshot();
-
-    match config.duration {
-        Some(duration) if !shutdown.wait_timeout(duration) => {
-            info!("Ran for {duration:?}: stopping")
-        }
-        _ => shutdown.wait(),
-    }
-    stop_trigger.trigger();
-    info!("Shutting down: closing connections");
-    let live = || {
-        slots
-            .iter()
-            .filter_map(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            .collect()
-    };
-    let frame = || close_frame(Role::Client, CloseCode::Normal, "client shutting down");
-    let aborted = close_all(live, frame, &all_finished, CLOSE_TIMEOUT, ABORT_GRACE);
-    if aborted > 0 {
-        warn!("{aborted} connections got no Close reply within {CLOSE_TIMEOUT:?}; dropped them");
-    }
-    // Once `all_finished` has disconnected every thread is past its work and joins at
-    // once; otherwise the threads still connecting (a connect or DNS lookup cannot be
-    // interrupted) are left to end with the process.
-    let all_done = matches!(
-        all_finished.try_recv(),
-        Err(crossbeam_channel::TryRecvError::Disconnected)
-    );
-    let (joinable, unfinished): (Vec<_>, Vec<_>) = threads
-        .into_iter()
-        .partition(|t| all_done || t.is_finished());
-    for handle in joinable.into_iter().chain(std::iter::once(reporter)) {
-        if let Err(panic) = handle.join() {
-            std::panic::resume_unwind(panic);
-        }
-    }
-    if !unfinished.is_empty() {
-        info!(
-            "{} connection(s) still connecting were abandoned",
-            unfinished.len()
-        );
-    }
-    info!("Final summary: {}", stats.snapshot().report_since(&started));
-    info!("Client stopped");
-    Ok(())
+/// A client not yet running, with the counters its connections will keep.
+pub struct Client {
+    config: Arc<ClientConfig>,
+    stats: Arc<ClientStats>,
 }
 
-/// Logs a summary of the last period every `interval`.
-fn report(stats: &LoadStats, stop: &Shutdown, interval: Duration) {
-    let ticks = crossbeam_channel::tick(interval);
-    let mut last = stats.snapshot();
-    loop {
-        crossbeam_channel::select! {
-            recv(ticks) -> _ => {
-                let now = stats.snapshot();
-                info!("Summary: {}", now.report_since(&last));
-                last = now;
-            }
-            recv(stop.receiver()) -> _ => return,
+impl Client {
+    /// A client for `config`.
+    pub fn new(config: ClientConfig) -> Self {
+        Client {
+            config: Arc::new(config),
+            stats: Arc::default(),
         }
     }
+
+    /// The counters, readable while [`run`](Self::run) goes on.
+    pub fn stats(&self) -> Arc<ClientStats> {
+        self.stats.clone()
+    }
+
+    /// Runs the connections until `shutdown` is requested (or `--duration` has passed);
+    /// returns within about a second of it, after logging the final summary in load mode.
+    pub fn run(self, shutdown: Shutdown) -> Result<()> {
+        let Client { config, stats } = self;
+        let load = LoadConfig::from_config(&config).is_some();
+        let slots: Arc<[Slot]> = (0..config.connections).map(|_| Mutex::new(None)).collect();
+        // The connection threads and the reporter stop on `stop`: a signal, or the end of
+        // `--duration`.
+        let mut helpers = Helpers::new();
+        let stop = helpers.shutdown().clone();
+        let (alive, all_finished) = crossbeam_channel::bounded::<()>(0);
+        info!(
+            "Starting {} to {}",
+            crate::count(config.connections as usize, "connection"),
+            config.url()
+        );
+        let mut connections = Vec::with_capacity(config.connections as usize);
+        for index in 1..=config.connections {
+            let (config, stop, slots, stats, alive) = (
+                config.clone(),
+                stop.clone(),
+                slots.clone(),
+                stats.clone(),
+                alive.clone(),
+            );
+            let ramp_delay = config.ramp.map_or(Duration::ZERO, |per_second| {
+                Duration::from_secs_f64(f64::from(index - 1) / f64::from(per_second))
+            });
+            let spawned = thread::Builder::new()
+                .name(format!("client-{index}"))
+                .stack_size(CONNECTION_STACK_SIZE)
+                .spawn(move || {
+                    let _alive = alive;
+                    if !ramp_delay.is_zero() && stop.wait_timeout(ramp_delay) {
+                        return;
+                    }
+                    connection::run(index, &config, &stop, &slots[index as usize - 1], &stats);
+                });
+            match spawned {
+                Ok(handle) => connections.push(handle),
+                Err(error) => {
+                    error!(
+                        "Cannot start a thread for connection {index}: {error}; running {}",
+                        crate::count(index as usize - 1, "connection")
+                    );
+                    break;
+                }
+            }
+        }
+        drop(alive);
+        let started = stats.snapshot();
+        if load {
+            let (stats, stop, interval) = (stats.clone(), stop.clone(), config.report_interval);
+            helpers.spawn("load-report", move || {
+                let mut last = stats.snapshot();
+                threads::every(interval, &stop, || {
+                    let now = stats.snapshot();
+                    info!("Summary: {}", now.report_since(&last));
+                    last = now;
+                })
+            })?;
+        }
+
+        match config.duration {
+            Some(duration) if !shutdown.wait_timeout(duration) => {
+                info!("Ran for {duration:?}: stopping")
+            }
+            _ => shutdown.wait(),
+        }
+        helpers.trigger();
+        info!("Shutting down: closing connections");
+        let live = || {
+            slots
+                .iter()
+                .filter_map(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                .collect()
+        };
+        let frame = || close_frame(Role::Client, CloseCode::Normal, "client shutting down");
+        let aborted = close_all(live, frame, &all_finished, CLOSE_TIMEOUT, ABORT_GRACE);
+        if aborted > 0 {
+            warn!(
+                "{} got no Close reply within {CLOSE_TIMEOUT:?}; dropped them",
+                crate::count(aborted, "connection")
+            );
+        }
+        // Once `all_finished` has disconnected every thread is past its work and joins at
+        // once; otherwise the threads still connecting (a connect or DNS lookup cannot be
+        // interrupted) are left to end with the process.
+        let all_done = matches!(
+            all_finished.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        );
+        let (joinable, unfinished): (Vec<_>, Vec<_>) = connections
+            .into_iter()
+            .partition(|t| all_done || t.is_finished());
+        joinable.into_iter().for_each(threads::join);
+        helpers.stop();
+        if !unfinished.is_empty() {
+            info!(
+                "{} still connecting were abandoned",
+                crate::count(unfinished.len(), "connection")
+            );
+        }
+        if load {
+            info!("Final summary: {}", stats.snapshot().report_since(&started));
+        }
+        info!("Client stopped");
+        Ok(())
+    }
+}
+
+/// Runs a client for `config` until `shutdown` is requested: [`Client::new`] then
+/// [`Client::run`].
+pub fn run(config: ClientConfig, shutdown: Shutdown) -> Result<()> {
+    Client::new(config).run(shutdown)
 }

@@ -26,16 +26,17 @@ pub const REJECT_QUEUE: usize = 64;
 /// How long the rejecter waits for a refused client's request and for it to hang up.
 const REJECT_LINGER: Duration = Duration::from_millis(100);
 
-/// Runs the accept loop until shutdown. `alive` is cloned into every connection thread.
+/// Runs the accept loop until shutdown. `live_threads` counts the connection threads
+/// alive; `alive` is cloned into every one of them.
 pub fn accept_loop(
     listener: &TcpListener,
     context: &Arc<Context>,
     ceiling: usize,
+    live_threads: &Arc<AtomicUsize>,
     alive: Sender<()>,
 ) {
-    let live_threads = Arc::new(AtomicUsize::new(0));
     let (refuse, refused) = crossbeam_channel::bounded(REJECT_QUEUE);
-    let rejecter = thread::Builder::new().name("rejecter".into()).spawn({
+    let rejecter = crate::threads::spawn("rejecter", {
         let (metrics, shutdown) = (context.metrics.clone(), context.shutdown.clone());
         move || reject_all(&refused, &metrics.connections_rejected, &shutdown)
     });
@@ -93,7 +94,7 @@ pub fn accept_loop(
     }
     drop(refuse);
     if let Ok(rejecter) = rejecter {
-        super::join(rejecter);
+        crate::threads::join(rejecter);
     }
 }
 

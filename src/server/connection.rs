@@ -1,22 +1,22 @@
 //! One client connection on its own thread: the opening request, then the echo loop.
 
-use std::fmt;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
-use tungstenite::error::ProtocolError;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
+use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
 use super::handshake::{self, Handshake};
 use super::registry::Registry;
+use crate::ending::{self, Ending, Reason};
+use crate::frame::close_frame;
 use crate::metrics::Metrics;
 use crate::net;
 use crate::shutdown::Shutdown;
-use crate::stream::{close_frame, describe_close, SharedStream, WsStream};
+use crate::stream::{SharedStream, WsStream};
 
 /// With an idle timeout, the most unsent data the kernel may hold for a connection.
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -123,10 +123,15 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
     );
     let mut registration = context.registry.register(id, peer, stream.clone());
     let ending = echo(&mut socket, &stream, context);
-    if let Ending::Failed { .. } = ending {
+    if matches!(
+        ending.reason,
+        Reason::ProtocolError | Reason::InvalidData | Reason::TooBig | Reason::IdleTimeout
+    ) {
+        // We sent a Close the peer has not answered: let it reach the peer before the
+        // socket closes.
         net::close_gracefully(stream.tcp(), net::LINGER);
     }
-    registration.set_ending(ending.to_string());
+    registration.set_ending(ending);
 }
 
 /// Echoes every data message back with its type until the connection ends.
@@ -153,7 +158,7 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
             Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
                 debug!("echo {} bytes", message.len());
                 if let Err(error) = socket.send(message) {
-                    return Ending::from_error(error, stream);
+                    return end_with_error(&error, stream);
                 }
                 if keepalive {
                     last_activity = Instant::now();
@@ -163,8 +168,19 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
             // tungstenite queues the pong and sends it before the next read.
             Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
             Err(WsError::Io(error)) if net::is_timeout(&error) => {}
-            Err(WsError::ConnectionClosed) => return Ending::Closed(peer_close.flatten()),
-            Err(error) => return Ending::from_error(error, stream),
+            Err(WsError::ConnectionClosed) => {
+                return match peer_close {
+                    // Our shutdown Close went first; the peer's frame is its reply.
+                    _ if context.shutdown.is_requested() => Ending::sent_close(
+                        Reason::Shutdown,
+                        CloseCode::Away,
+                        "server shutting down",
+                    ),
+                    Some(frame) => Ending::peer_close(&frame),
+                    None => Ending::new(Reason::Eof, "connection closed"),
+                };
+            }
+            Err(error) => return end_with_error(&error, stream),
         }
         if !keepalive {
             continue;
@@ -176,12 +192,12 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
             last_activity = now;
         }
         if let Some(idle) = idle_timeout.filter(|idle| now.duration_since(last_activity) >= *idle) {
-            let reason = "idle timeout";
-            let _ = stream.send_close(&close_frame(Role::Server, CloseCode::Away, reason));
-            return Ending::Failed {
-                code: CloseCode::Away,
-                error: format!("nothing received for {idle:?}"),
-            };
+            let _ = stream.send_close(&close_frame(Role::Server, CloseCode::Away, "idle timeout"));
+            return Ending::sent_close(
+                Reason::IdleTimeout,
+                CloseCode::Away,
+                format_args!("nothing received for {idle:?}"),
+            );
         }
         if let (Some(interval), Some(due)) = (ping_interval, next_ping) {
             if now >= due && socket.can_write() {
@@ -189,7 +205,7 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
                 if let Err(error) =
                     socket.send(Message::Ping(pings_sent.to_be_bytes().to_vec().into()))
                 {
-                    return Ending::from_error(error, stream);
+                    return end_with_error(&error, stream);
                 }
                 next_ping = Some(now + interval);
             }
@@ -197,54 +213,19 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
     }
 }
 
-/// How a connection ended, as the disconnect log line tells it.
-#[derive(Debug)]
-enum Ending {
-    /// The close handshake completed; the client's Close frame carried this.
-    Closed(Option<CloseFrame>),
-    /// The client broke the protocol or a limit; we sent a Close frame with this code.
-    Failed { code: CloseCode, error: String },
-    /// The TCP connection ended or failed without a close handshake.
-    Dropped(String),
-}
-
-impl Ending {
-    /// Sorts a tungstenite error: protocol and limit violations get the Close frame RFC 6455
-    /// asks for (tungstenite itself sends none), transport errors end the connection.
-    fn from_error(error: WsError, stream: &SharedStream) -> Self {
-        let code = match &error {
-            WsError::Capacity(_) => CloseCode::Size,
-            WsError::Utf8(_) => CloseCode::Invalid,
-            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-                return Ending::Dropped("connection closed without a close frame".into())
-            }
-            WsError::Protocol(_) | WsError::AttackAttempt => CloseCode::Protocol,
-            WsError::Io(error) => return Ending::Dropped(error.to_string()),
-            other => return Ending::Dropped(other.to_string()),
-        };
-        let reason = close_reason(code);
-        let _ = stream.send_close(&close_frame(Role::Server, code, reason));
-        Ending::Failed {
-            code,
-            error: error.to_string(),
+/// Ends the connection after a tungstenite error: a protocol or limit violation gets the
+/// Close frame RFC 6455 asks for (tungstenite itself sends none); a transport error just
+/// ends it.
+fn end_with_error(error: &WsError, stream: &SharedStream) -> Ending {
+    match ending::violation(error) {
+        Some((reason, code)) => {
+            let _ = stream.send_close(&close_frame(
+                Role::Server,
+                code,
+                ending::violation_reason(code),
+            ));
+            Ending::sent_close(reason, code, error)
         }
-    }
-}
-
-fn close_reason(code: CloseCode) -> &'static str {
-    match code {
-        CloseCode::Size => "message too big",
-        CloseCode::Invalid => "invalid UTF-8 in text message",
-        _ => "protocol error",
-    }
-}
-
-impl fmt::Display for Ending {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Ending::Closed(frame) => f.write_str(&describe_close(frame)),
-            Ending::Failed { code, error } => write!(f, "{error}; sent close {}", u16::from(*code)),
-            Ending::Dropped(error) => write!(f, "{error}"),
-        }
+        None => Ending::from_ws_error(error),
     }
 }

@@ -11,21 +11,22 @@ pub mod handshake;
 mod registry;
 
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crossbeam_channel::select;
 use log::{debug, info, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::config::ServerConfig;
 use crate::error::{Error, Result};
+use crate::frame::close_frame;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::net;
-use crate::shutdown::{self, Shutdown};
-use crate::stream::{close_all, close_frame};
+use crate::shutdown::Shutdown;
+use crate::stream::close_all;
+use crate::threads::{self, Helpers};
 use capacity::Capacity;
 use connection::{Context, Keepalive};
 use registry::Registry;
@@ -45,6 +46,33 @@ pub struct Server {
     metrics_listener: TcpListener,
     metrics_addr: SocketAddr,
     metrics: Metrics,
+    state: ServerState,
+}
+
+/// A live view of a server's connections, cheap to clone: what tests and tools observe
+/// while [`Server::run`] serves.
+#[derive(Clone)]
+pub struct ServerState {
+    registry: Registry,
+    threads: Arc<AtomicUsize>,
+}
+
+impl ServerState {
+    /// WebSocket connections open now (what the `websocket_connections` gauge says).
+    pub fn connections(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Sockets still sending their opening request.
+    pub fn handshakes(&self) -> usize {
+        self.registry.handshakes()
+    }
+
+    /// Connection threads alive now: open connections, handshakes in progress, and
+    /// connections still finishing their close.
+    pub fn connection_threads(&self) -> usize {
+        self.threads.load(Ordering::SeqCst)
+    }
 }
 
 impl Server {
@@ -56,12 +84,17 @@ impl Server {
         };
         let listener = bind(config.port)?;
         let metrics_listener = bind(config.metrics_port)?;
+        let metrics = Metrics::new();
         Ok(Server {
             local_addr: listener.local_addr()?,
             metrics_addr: metrics_listener.local_addr()?,
             listener,
             metrics_listener,
-            metrics: Metrics::new(),
+            state: ServerState {
+                registry: Registry::new(&metrics),
+                threads: Arc::default(),
+            },
+            metrics,
             config,
         })
     }
@@ -76,6 +109,11 @@ impl Server {
         self.metrics_addr
     }
 
+    /// A view of the connections that stays valid while the server runs.
+    pub fn state(&self) -> ServerState {
+        self.state.clone()
+    }
+
     /// Serves until `shutdown` is requested, then closes every connection with 1001 and
     /// waits up to the shutdown timeout for them to finish.
     pub fn run(self, shutdown: Shutdown) -> Result<()> {
@@ -86,15 +124,19 @@ impl Server {
             metrics_listener,
             metrics_addr,
             metrics,
+            state: ServerState { registry, threads },
         } = self;
-        let registry = Registry::new(
-            metrics.connections.clone(),
-            metrics.connections_total.clone(),
+        let capacity = Capacity::detect(
+            config
+                .max_connections
+                .map(|max| max.min(usize::MAX as u64) as usize),
         );
+        info!("Connection ceiling: {capacity}");
         let metrics_server = MetricsServer::start(metrics_listener, metrics.clone())?;
-        // Connections and the acceptor stop on `closing`, which follows `shutdown` after
-        // the drain delay.
-        let (close_connections, closing) = shutdown::channel();
+        // The reporter, the acceptor and the connections stop on `closing`, which follows
+        // `shutdown` after the drain delay; dropping `helpers` (on any return) stops them.
+        let mut helpers = Helpers::new();
+        let closing = helpers.shutdown().clone();
         let context = Arc::new(Context {
             ws_path: config.path.clone(),
             handshake_timeout: config.handshake_timeout,
@@ -113,41 +155,28 @@ impl Server {
                 idle_timeout: config.effective_idle_timeout(),
             },
         });
-        let capacity = Capacity::detect(
-            config
-                .max_connections
-                .map(|max| max.min(usize::MAX as u64) as usize),
-        );
-        info!("Connection ceiling: {capacity}");
-
         // Every connection thread holds a clone of `alive`; the channel disconnects when
         // the last one has finished.
         let (alive, all_finished) = crossbeam_channel::bounded::<()>(0);
-        // The reporter stops with the connections; if a thread cannot start, whatever did
-        // start is stopped before the error is returned.
-        let reporter = match spawn("reporter", {
-            let (registry, closing, interval) =
-                (registry.clone(), closing.clone(), config.log_interval);
-            move || report(&registry, &closing, interval)
-        }) {
-            Ok(reporter) => reporter,
-            Err(error) => {
-                metrics_server.stop();
-                return Err(error.into());
+        helpers.spawn("reporter", {
+            let (registry, interval) = (registry.clone(), config.log_interval);
+            move || {
+                threads::every(interval, &closing, || {
+                    info!("Active connections: {}", registry.len())
+                })
             }
-        };
-        let acceptor = match spawn("acceptor", {
-            let context = context.clone();
-            move || acceptor::accept_loop(&listener, &context, capacity.ceiling, alive)
-        }) {
-            Ok(acceptor) => acceptor,
-            Err(error) => {
-                close_connections.trigger();
-                join(reporter);
-                metrics_server.stop();
-                return Err(error.into());
-            }
-        };
+        })?;
+        helpers.spawn_woken(
+            "acceptor",
+            {
+                let context = context.clone();
+                move || {
+                    acceptor::accept_loop(&listener, &context, capacity.ceiling, &threads, alive)
+                }
+            },
+            // A wake-up connect can fail (a firewall, a full backlog): it is retried.
+            move || net::wake_acceptor(local_addr),
+        )?;
         info!("Listening on ws://{local_addr}{}", config.path);
         info!("Metrics on http://{metrics_addr}/metrics");
 
@@ -160,9 +189,13 @@ impl Server {
             );
             let _ = crossbeam_channel::after(config.drain_delay).recv();
         }
-        close_connections.trigger();
+        // No connection is admitted once the acceptor has been joined.
+        helpers.stop();
         let entries = registry.entries();
-        info!("Shutting down: closing {} connections", entries.len());
+        info!(
+            "Shutting down: closing {}",
+            crate::count(entries.len(), "connection")
+        );
         for (id, entry) in &entries {
             debug!(
                 "closing conn-{id} {} (up {:.1}s)",
@@ -171,16 +204,12 @@ impl Server {
             );
         }
         drop(entries); // holding their streams would keep finished connections' sockets open
-                       // A wake-up connect can fail (a firewall, a full backlog): retry until the acceptor sees it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !acceptor.is_finished() && std::time::Instant::now() < deadline {
-            net::wake_acceptor(local_addr);
-            let _ = crossbeam_channel::after(Duration::from_millis(20)).recv();
-        }
-        join(acceptor);
         let cut_short = registry.abort_handshakes();
         if cut_short > 0 {
-            info!("Closed {cut_short} sockets that had not finished their upgrade request");
+            info!(
+                "Closed {} that had not finished the upgrade request",
+                crate::count(cut_short, "socket")
+            );
         }
         let live = || {
             registry
@@ -198,34 +227,13 @@ impl Server {
         );
         if aborted > 0 {
             warn!(
-                "{aborted} connections did not close within {:?}; dropped them",
+                "{} did not close within {:?}; dropped them",
+                crate::count(aborted, "connection"),
                 config.shutdown_timeout
             );
         }
-        join(reporter);
         metrics_server.stop();
         info!("Server stopped");
         Ok(())
-    }
-}
-
-fn report(registry: &Registry, shutdown: &Shutdown, interval: Duration) {
-    let ticks = crossbeam_channel::tick(interval);
-    loop {
-        select! {
-            recv(ticks) -> _ => info!("Active connections: {}", registry.len()),
-            recv(shutdown.receiver()) -> _ => return,
-        }
-    }
-}
-
-fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle<()>> {
-    thread::Builder::new().name(name.into()).spawn(work)
-}
-
-/// Joins a worker, re-raising its panic.
-pub(crate) fn join(handle: JoinHandle<()>) {
-    if let Err(panic) = handle.join() {
-        std::panic::resume_unwind(panic);
     }
 }

@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::Instant;
 
 use log::info;
-use prometheus::{IntCounter, IntGauge};
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 
+use crate::ending::{Ending, Reason};
+use crate::metrics::Metrics;
 use crate::stream::SharedStream;
 
 /// One live connection.
@@ -31,17 +33,20 @@ pub struct Registry {
     handshaking: Arc<Mutex<HashMap<u64, Arc<SharedStream>>>>,
     gauge: IntGauge,
     accepted: IntCounter,
+    closed: IntCounterVec,
 }
 
 impl Registry {
-    /// An empty registry that mirrors its size into `gauge` and counts into `accepted`.
-    pub fn new(gauge: IntGauge, accepted: IntCounter) -> Self {
-        gauge.set(0);
+    /// An empty registry that mirrors its size into the `websocket_connections` gauge and
+    /// counts opened and closed connections.
+    pub fn new(metrics: &Metrics) -> Self {
+        metrics.connections.set(0);
         Registry {
             connections: Arc::default(),
             handshaking: Arc::default(),
-            gauge,
-            accepted,
+            gauge: metrics.connections.clone(),
+            accepted: metrics.connections_total.clone(),
+            closed: metrics.connections_closed.clone(),
         }
     }
 
@@ -96,6 +101,11 @@ impl Registry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Number of sockets still sending their opening request.
+    pub fn handshakes(&self) -> usize {
+        self.lock_handshaking().len()
+    }
+
     /// Number of live connections.
     pub fn len(&self) -> usize {
         self.read().len()
@@ -140,12 +150,12 @@ pub struct Registration {
     id: u64,
     peer: SocketAddr,
     connected_at: Instant,
-    ending: Option<String>,
+    ending: Option<Ending>,
 }
 
 impl Registration {
-    /// Records how the connection ended, for the disconnect log line.
-    pub fn set_ending(&mut self, ending: String) {
+    /// Records how the connection ended, for the disconnect log line and the metrics.
+    pub fn set_ending(&mut self, ending: Ending) {
         self.ending = Some(ending);
     }
 }
@@ -159,8 +169,12 @@ impl Drop for Registration {
         }
         let ending = self
             .ending
-            .as_deref()
-            .unwrap_or("connection thread panicked");
+            .take()
+            .unwrap_or_else(|| Ending::new(Reason::Error, "connection thread panicked"));
+        self.registry
+            .closed
+            .with_label_values(&[ending.reason.label(), &ending.code_label()])
+            .inc();
         let lived = self.connected_at.elapsed().as_secs_f64();
         info!("Disconnected: {} ({ending}, after {lived:.1}s)", self.peer);
     }

@@ -1,0 +1,202 @@
+//! The client's counters, shared by all its connection threads: connects, failures, ends
+//! of connections by [`Reason`], pings and pongs, and in load mode messages, bytes and
+//! round trips. Tests and the summary line read them; nothing here blocks a connection.
+
+use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+
+use crate::ending::Reason;
+
+/// Round trips above this are recorded as this (microseconds).
+pub(super) const MAX_RTT_MICROS: u64 = 60_000_000;
+
+/// Counters shared by all connections of a client.
+#[derive(Debug)]
+pub struct ClientStats {
+    connections_up: AtomicI64,
+    counters: [AtomicU64; Counter::COUNT],
+    ended: [AtomicU64; Reason::ALL.len()],
+    rtt_micros: Mutex<Histogram<u64>>,
+}
+
+/// The things counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Counter {
+    /// Load messages sent.
+    Sent,
+    /// Echoes received and verified.
+    Received,
+    /// Payload bytes sent.
+    BytesSent,
+    /// Payload bytes received.
+    BytesReceived,
+    /// Echoes that differ from what was sent (wrong id, checksum or body).
+    Corrupted,
+    /// Echoes that arrived after a later message's echo.
+    Reordered,
+    /// Messages whose echo never came (counted when their connection ends).
+    Lost,
+    /// WebSocket handshakes completed.
+    Connects,
+    /// Connection attempts that failed.
+    ConnectFailures,
+    /// Established connections lost (error, close by the server, pong timeout).
+    Losses,
+    /// Pings sent.
+    Pings,
+    /// Pongs received for them.
+    Pongs,
+}
+
+impl Counter {
+    /// Number of counters.
+    pub const COUNT: usize = 12;
+}
+
+impl Default for ClientStats {
+    fn default() -> Self {
+        ClientStats {
+            connections_up: AtomicI64::new(0),
+            counters: Default::default(),
+            ended: Default::default(),
+            rtt_micros: Mutex::new(new_histogram()),
+        }
+    }
+}
+
+pub(super) fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_RTT_MICROS, 3).expect("valid histogram bounds")
+}
+
+impl ClientStats {
+    /// Adds `n` to a counter.
+    pub fn add(&self, counter: Counter, n: u64) {
+        self.counters[counter as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The current value of a counter.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.counters[counter as usize].load(Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn connections_up(&self) -> i64 {
+        self.connections_up.load(Ordering::Relaxed)
+    }
+
+    /// Connections that ended for `reason` so far.
+    pub fn ended(&self, reason: Reason) -> u64 {
+        self.ended[reason.index()].load(Ordering::Relaxed)
+    }
+
+    pub(super) fn connection_opened(&self) {
+        self.add(Counter::Connects, 1);
+        self.connections_up.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn connection_ended(&self, reason: Reason) {
+        self.connections_up.fetch_sub(1, Ordering::Relaxed);
+        self.ended[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds a connection's local counts and zeroes them.
+    pub(super) fn add_all(&self, local: &mut [u64; Counter::COUNT]) {
+        for (shared, n) in self.counters.iter().zip(local.iter_mut()) {
+            if *n > 0 {
+                shared.fetch_add(std::mem::take(n), Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(super) fn record_rtts(&self, rtts: &Histogram<u64>) {
+        let mut shared = self.rtt_micros.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = shared.add(rtts);
+    }
+
+    /// A copy of everything, for a report.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            at: Instant::now(),
+            connections_up: self.connections_up(),
+            counters: std::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed)),
+            rtt_micros: self
+                .rtt_micros
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+}
+
+/// The shared counters at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    at: Instant,
+    connections_up: i64,
+    counters: [u64; Counter::COUNT],
+    rtt_micros: Histogram<u64>,
+}
+
+impl Snapshot {
+    fn get(&self, counter: Counter) -> u64 {
+        self.counters[counter as usize]
+    }
+
+    /// A report of the period from `earlier` to this snapshot: rates and round trips over
+    /// the period, message and error counts since the start.
+    pub fn report_since(&self, earlier: &Snapshot) -> Report {
+        let mut rtt_micros = self.rtt_micros.clone();
+        let _ = rtt_micros.subtract(&earlier.rtt_micros);
+        Report {
+            seconds: self.at.duration_since(earlier.at).as_secs_f64(),
+            earlier: earlier.counters,
+            now: self.clone(),
+            rtt_micros,
+        }
+    }
+}
+
+/// A one-line summary: `connections=.. messages/s=.. ...`; keys never contain spaces so
+/// scripts can split on them.
+pub struct Report {
+    seconds: f64,
+    earlier: [u64; Counter::COUNT],
+    now: Snapshot,
+    rtt_micros: Histogram<u64>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seconds = self.seconds.max(1e-9);
+        let delta = |c: Counter| self.now.get(c) - self.earlier[c as usize];
+        let rtt = &self.rtt_micros;
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        write!(
+            f,
+            "connections={} messages/s={:.0} sent_MB/s={:.2} received_MB/s={:.2} \
+             rtt_ms_p50={:.3} rtt_ms_p90={:.3} rtt_ms_p99={:.3} rtt_ms_max={:.3} \
+             sent={} received={} corrupted={} reordered={} lost={} connects={} connect_failures={} losses={}",
+            self.now.connections_up,
+            delta(Counter::Received) as f64 / seconds,
+            delta(Counter::BytesSent) as f64 / seconds / 1e6,
+            delta(Counter::BytesReceived) as f64 / seconds / 1e6,
+            ms(rtt.value_at_quantile(0.50)),
+            ms(rtt.value_at_quantile(0.90)),
+            ms(rtt.value_at_quantile(0.99)),
+            ms(rtt.max()),
+            self.now.get(Counter::Sent),
+            self.now.get(Counter::Received),
+            self.now.get(Counter::Corrupted),
+            self.now.get(Counter::Reordered),
+            self.now.get(Counter::Lost),
+            self.now.get(Counter::Connects),
+            self.now.get(Counter::ConnectFailures),
+            self.now.get(Counter::Losses),
+        )
+    }
+}
