@@ -769,3 +769,26 @@ fn a_close_reply_is_never_followed_by_a_second_close_at_shutdown() {
         "the client sent {closes} Close frames: opcodes {opcodes:?}"
     );
 }
+
+#[test]
+fn in_process_client_counts_pongs_and_closes_with_1000() {
+    use crate::harness::{TestClient, TestServer};
+    use websocket_test::client::Counter;
+    let server = TestServer::start(&[]);
+    let mut client = TestClient::start(server.addr, &[]);
+    client.wait("3 pongs", Duration::from_secs(5), |s| {
+        s.get(Counter::Pongs) >= 3
+    });
+    server.wait_settled(1);
+    let took = client.wait_stopped(Duration::from_secs(5));
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    server.wait_settled(0);
+    assert_eq!(server.closed("peer_close", "1000"), 1.0);
+    assert_eq!(client.stats().get(Counter::Losses), 0);
+    assert_eq!(
+        client
+            .stats()
+            .ended(websocket_test::ending::Reason::Shutdown),
+        1
+    );
+}

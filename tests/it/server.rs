@@ -874,3 +874,26 @@ fn drain_delay_keeps_serving_with_readiness_off_before_closing() {
     assert!(status.success(), "exit status {status}; output:\n{output}");
     assert!(output.contains("Draining: /readyz answers 503"), "{output}");
 }
+
+// ----------------------------------------------------------------------------------------
+// In process
+// ----------------------------------------------------------------------------------------
+
+#[test]
+fn in_process_close_handshake_is_counted_by_reason_and_code() {
+    use crate::harness::TestServer;
+    let server = TestServer::start(&[]);
+    let mut ws = server.connect();
+    server.wait_settled(1);
+    support::assert_echo(&mut ws, 100);
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "test over".into(),
+    }))
+    .unwrap();
+    assert_eq!(support::read_close(&mut ws).reason.as_str(), "test over");
+    support::assert_closed(&mut ws);
+    server.wait_settled(0);
+    assert_eq!(server.closed("peer_close", "1000"), 1.0);
+    assert_eq!(server.metric("websocket_connections_total"), 1.0);
+}

@@ -1,20 +1,66 @@
-//! Helpers: run the built binaries, read their logs, talk HTTP and WebSocket to them.
-//! Every wait has a deadline, and a failing wait panics with everything the process said.
+//! Helpers: deadlines, HTTP and WebSocket over real sockets (tungstenite and raw frames),
+//! and the built binaries for the few tests that need a process. Every wait has a
+//! deadline, and a failing wait panics with what it was waiting for.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
 use tungstenite::stream::MaybeTlsStream;
-use tungstenite::WebSocket;
+use tungstenite::{Error as WsError, Message, WebSocket};
 
 /// Generous upper bound for things that normally take milliseconds.
 pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The multiplier for every deadline: `WEBSOCKET_TEST_TIME_SCALE` (default 1). A slow or
+/// loaded machine raises it; lower bounds (nothing may happen before a timeout) stay as
+/// they are.
+pub fn time_scale() -> f64 {
+    static SCALE: OnceLock<f64> = OnceLock::new();
+    *SCALE.get_or_init(|| match std::env::var("WEBSOCKET_TEST_TIME_SCALE") {
+        Ok(text) => text
+            .parse()
+            .ok()
+            .filter(|scale: &f64| *scale >= 1.0)
+            .unwrap_or_else(|| {
+                panic!("WEBSOCKET_TEST_TIME_SCALE={text:?}: expected a number >= 1")
+            }),
+        Err(_) => 1.0,
+    })
+}
+
+/// `duration` stretched by [`time_scale`].
+pub fn scaled(duration: Duration) -> Duration {
+    duration.mul_f64(time_scale())
+}
+
+/// How long to wait for what normally takes milliseconds: 10 s, scaled.
+pub fn patience() -> Duration {
+    scaled(Duration::from_secs(10))
+}
+
+/// Polls `condition` every 5 ms until it holds; panics naming `what` once `within`
+/// (scaled) has passed. Returns how long it took.
+pub fn wait_within(what: &str, within: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    let deadline = start + scaled(within);
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {:?} waiting until {what}",
+            scaled(within)
+        );
+        thread::sleep(Duration::from_millis(5)); // polling interval
+    }
+    start.elapsed()
+}
 
 /// A client WebSocket as tests use it.
 pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
@@ -202,14 +248,121 @@ pub fn address_after(line: &str, scheme: &str) -> SocketAddr {
         .unwrap_or_else(|e| panic!("no address in {line:?}: {e}"))
 }
 
-/// Opens a WebSocket connection to `url` with a read timeout of [`PATIENCE`].
+/// Opens a WebSocket connection to `url` with a read timeout of [`patience`].
 pub fn connect(url: &str) -> Ws {
     let (socket, _) =
         tungstenite::connect(url).unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
     if let MaybeTlsStream::Plain(tcp) = socket.get_ref() {
-        tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+        tcp.set_read_timeout(Some(patience())).unwrap();
     }
     socket
+}
+
+/// The client's local address: the server knows the connection by it.
+pub fn local_addr(ws: &Ws) -> SocketAddr {
+    let MaybeTlsStream::Plain(tcp) = ws.get_ref() else {
+        panic!("tests use plain TCP")
+    };
+    tcp.local_addr().unwrap()
+}
+
+/// `n` bytes of valid UTF-8 mixing 1- to 4-byte characters (period 104 characters, so
+/// not aligned with any power-of-two buffer size).
+pub fn text_payload(n: usize) -> String {
+    const CHARS: [char; 8] = ['a', 'é', '€', '😀', 'Z', 'ß', '中', '\n'];
+    let mut text = String::with_capacity(n);
+    for i in 0.. {
+        let c = CHARS[(i * 7 + i / 13) % CHARS.len()];
+        if text.len() + c.len_utf8() > n {
+            break;
+        }
+        text.push(c);
+    }
+    while text.len() < n {
+        text.push('.');
+    }
+    text
+}
+
+/// `n` bytes covering every byte value (for n >= 256), not repeating with period 256.
+pub fn binary_payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i ^ (i >> 8) ^ (i >> 16)) as u8).collect()
+}
+
+/// A message for a failure text: its type and size, not megabytes of payload.
+pub fn describe(message: &Message) -> String {
+    match message {
+        Message::Text(t) => format!("Text({} bytes)", t.len()),
+        Message::Binary(b) => format!("Binary({} bytes)", b.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The next message that is not a ping (servers with keepalive on send them at any time;
+/// tungstenite answers them).
+pub fn read_skipping_pings(ws: &mut Ws) -> Result<Message, WsError> {
+    loop {
+        match ws.read() {
+            Ok(Message::Ping(_)) => {}
+            other => return other,
+        }
+    }
+}
+
+/// Sends a text and a binary message of `size` bytes and checks both come back
+/// byte-exact, typed right.
+pub fn assert_echo(ws: &mut Ws, size: usize) {
+    let text = text_payload(size);
+    ws.send(Message::text(text.clone())).unwrap();
+    match read_skipping_pings(ws) {
+        Ok(Message::Text(echo)) => assert!(
+            echo.as_str() == text,
+            "text echo of {size} bytes differs ({} bytes back)",
+            echo.len()
+        ),
+        other => panic!("sent {size} bytes of text, got {other:?}"),
+    }
+    let binary = binary_payload(size);
+    ws.send(Message::binary(binary.clone())).unwrap();
+    match read_skipping_pings(ws) {
+        Ok(Message::Binary(echo)) => assert!(
+            echo[..] == binary[..],
+            "binary echo of {size} bytes differs ({} bytes back)",
+            echo.len()
+        ),
+        Ok(other) => panic!("sent {size} bytes of binary, got {}", describe(&other)),
+        Err(error) => panic!("sent {size} bytes of binary, got error {error}"),
+    }
+}
+
+/// Reads until a Close frame arrives and returns it (tungstenite queues the reply).
+pub fn read_close(ws: &mut Ws) -> CloseFrame {
+    match read_skipping_pings(ws) {
+        Ok(Message::Close(Some(frame))) => frame,
+        Ok(other) => panic!("expected a Close frame, got {}", describe(&other)),
+        Err(error) => panic!("expected a Close frame, got error {error}"),
+    }
+}
+
+/// After the close handshake, the next read sends any queued reply and sees the end.
+pub fn assert_closed(ws: &mut Ws) {
+    match ws.read() {
+        Err(WsError::ConnectionClosed) => {}
+        Ok(message) => panic!("expected the connection to end, got {}", describe(&message)),
+        Err(error) => panic!("expected ConnectionClosed, got error {error}"),
+    }
+}
+
+/// Closes from the client side with 1000 and waits for the handshake to finish.
+pub fn close_normally(mut ws: Ws) {
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }))
+    .unwrap();
+    let frame = read_close(&mut ws);
+    assert_eq!(frame.code, CloseCode::Normal);
+    assert_closed(&mut ws);
 }
 
 /// Sends raw bytes to `addr` and returns everything received until the peer closes.
@@ -236,28 +389,28 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, response)
 }
 
-/// Reads metric `name` from the `/metrics` endpoint at `addr`.
+/// Reads metric `name` from the `/metrics` endpoint at `addr`. A labelled series is
+/// named as Prometheus prints it, labels sorted: `x{code="1000",reason="peer_close"}`.
 pub fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (status, body) = http_get(addr, "/metrics");
-    assert_eq!(status, 200, "GET /metrics: {body}");
-    body.lines()
-        .find_map(|line| {
-            line.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+    try_metric(addr, name).unwrap_or_else(|| panic!("no metric {name} at http://{addr}/metrics"))
 }
 
-/// Polls `condition` every 10 ms until it holds; panics with `what` after [`PATIENCE`].
-pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
+/// Like [`metric`], `None` when the series is not (yet) there.
+pub fn try_metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    body.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Polls `condition` until it holds; panics with `what` after [`patience`].
+pub fn wait_until(what: &str, condition: impl FnMut() -> bool) {
+    wait_within(what, Duration::from_secs(10), condition);
 }
 
 impl Proc {
