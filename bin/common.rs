@@ -24,6 +24,7 @@ fn on_signal(trigger: websocket_test::shutdown::Trigger) -> Result<(), ctrlc::Er
         }
         (None, Some(at)) if at.elapsed() >= std::time::Duration::from_secs(1) => {
             log::warn!("Second signal: exiting now");
+            #[allow(clippy::exit)] // the binary owns the process: this is the emergency exit
             std::process::exit(130);
         }
         (None, _) => {}

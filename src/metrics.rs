@@ -160,7 +160,7 @@ impl Shared {
     fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Arc<tiny_http::Server>>> {
         self.current
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -42,7 +42,7 @@ impl SharedStream {
         &self.tcp
     }
 
-    /// Writes a Close frame (from [`close_frame`]) unless one already went out; waits for a
+    /// Writes an encoded Close frame unless one already went out; waits for a
     /// write in progress to finish. Returns whether this call sent it.
     pub fn send_close(&self, frame: &[u8]) -> io::Result<bool> {
         Self::close_locked(&self.tcp, self.lock(), frame)
@@ -86,7 +86,7 @@ impl SharedStream {
     fn lock(&self) -> MutexGuard<'_, WriterState> {
         self.writer
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

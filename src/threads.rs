@@ -175,8 +175,8 @@ mod tests {
         let (ran, runs) = crossbeam_channel::unbounded();
         let ticker = spawn("ticker", move || {
             every(Duration::from_millis(1), &shutdown, || {
-                ran.send(()).unwrap()
-            })
+                ran.send(()).unwrap();
+            });
         })
         .unwrap();
         for _ in 0..3 {

@@ -78,7 +78,9 @@ pub(super) fn run(
 }
 
 fn set_slot(slot: &Slot, stream: Option<Arc<SharedStream>>) {
-    *slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = stream;
+    *slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = stream;
 }
 
 /// TCP connect plus WebSocket handshake, both within the connect timeout.

@@ -113,13 +113,13 @@ impl Client {
                     let now = stats.snapshot();
                     info!("Summary: {}", now.report_since(&last));
                     last = now;
-                })
+                });
             })?;
         }
 
         match config.duration {
             Some(duration) if !shutdown.wait_timeout(duration) => {
-                info!("Ran for {duration:?}: stopping")
+                info!("Ran for {duration:?}: stopping");
             }
             _ => shutdown.wait(),
         }
@@ -128,7 +128,11 @@ impl Client {
         let live = || {
             slots
                 .iter()
-                .filter_map(|slot| slot.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                .filter_map(|slot| {
+                    slot.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone()
+                })
                 .collect()
         };
         let frame = || close_frame(Role::Client, CloseCode::Normal, "client shutting down");

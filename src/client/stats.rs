@@ -114,7 +114,10 @@ impl ClientStats {
     }
 
     pub(super) fn record_rtts(&self, rtts: &Histogram<u64>) {
-        let mut shared = self.rtt_micros.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shared = self
+            .rtt_micros
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let _ = shared.add(rtts);
     }
 
@@ -127,7 +130,7 @@ impl ClientStats {
             rtt_micros: self
                 .rtt_micros
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
         }
     }

@@ -126,7 +126,9 @@ fn read_number(path: &str) -> Option<usize> {
 }
 
 fn count_dir(path: &str) -> usize {
-    fs::read_dir(path).map(|dir| dir.count()).unwrap_or(0)
+    fs::read_dir(path)
+        .map(std::iter::Iterator::count)
+        .unwrap_or(0)
 }
 
 /// Threads on the whole system: the fourth field of /proc/loadavg is `running/total`.

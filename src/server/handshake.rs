@@ -452,7 +452,7 @@ mod corpus {
                 Decision::Reply(reply) => {
                     assert!(reply
                         .to_bytes()
-                        .starts_with(format!("HTTP/1.1 {} ", reply.status).as_bytes()))
+                        .starts_with(format!("HTTP/1.1 {} ", reply.status).as_bytes()));
                 }
                 Decision::NeedMore => assert!(data.len() < MAX_HEAD_SIZE),
             }

@@ -162,8 +162,8 @@ impl Server {
             let (registry, interval) = (registry.clone(), config.log_interval);
             move || {
                 threads::every(interval, &closing, || {
-                    info!("Active connections: {}", registry.len())
-                })
+                    info!("Active connections: {}", registry.len());
+                });
             }
         })?;
         helpers.spawn_woken(
@@ -171,7 +171,7 @@ impl Server {
             {
                 let context = context.clone();
                 move || {
-                    acceptor::accept_loop(&listener, &context, capacity.ceiling, &threads, alive)
+                    acceptor::accept_loop(&listener, &context, capacity.ceiling, &threads, alive);
                 }
             },
             // A wake-up connect can fail (a firewall, a full backlog): it is retried.

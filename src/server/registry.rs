@@ -98,7 +98,7 @@ impl Registry {
     fn lock_handshaking(&self) -> MutexGuard<'_, HashMap<u64, Arc<SharedStream>>> {
         self.handshaking
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Number of sockets still sending their opening request.
@@ -122,13 +122,13 @@ impl Registry {
     fn read(&self) -> RwLockReadGuard<'_, HashMap<u64, Entry>> {
         self.connections
             .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, HashMap<u64, Entry>> {
         self.connections
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

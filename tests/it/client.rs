@@ -40,7 +40,7 @@ fn client_args(port: Option<u16>, extra: &[&str]) -> Vec<String> {
             args.extend([flag.to_string(), value.to_string()]);
         }
     }
-    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(extra.iter().map(std::string::ToString::to_string));
     args
 }
 
@@ -176,7 +176,10 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(("127.0.0.1", self.port));
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 }
 

@@ -1,4 +1,9 @@
-//! Integration tests: the built binaries on loopback, driven over real sockets.
+//! Integration tests: the server and client in process (harness.rs) and, for what only a
+//! process shows, the built binaries; all over real sockets on loopback.
+
+// A failed unwrap is a failed test; helpers read into buffers on
+// the test threads' 2 MiB stacks.
+#![allow(clippy::unwrap_used, clippy::large_stack_frames)]
 
 mod client;
 mod harness;

@@ -167,7 +167,7 @@ impl Proc {
     /// The thread count of the process, from /proc.
     pub fn threads(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/task", self.pid()))
-            .map(|d| d.count())
+            .map(std::iter::Iterator::count)
             .unwrap_or(0)
     }
 }
