@@ -191,49 +191,60 @@ impl Server {
         }
         // No connection is admitted once the acceptor has been joined.
         helpers.stop();
-        let entries = registry.entries();
-        info!(
-            "Shutting down: closing {}",
-            crate::count(entries.len(), "connection")
-        );
-        for (id, entry) in &entries {
-            debug!(
-                "closing conn-{id} {} (up {:.1}s)",
-                entry.peer,
-                entry.connected_at.elapsed().as_secs_f64()
-            );
-        }
-        drop(entries); // holding their streams would keep finished connections' sockets open
-        let cut_short = registry.abort_handshakes();
-        if cut_short > 0 {
-            info!(
-                "Closed {} that had not finished the upgrade request",
-                crate::count(cut_short, "socket")
-            );
-        }
-        let live = || {
-            registry
-                .entries()
-                .into_iter()
-                .map(|(_, entry)| entry.stream)
-                .collect()
-        };
-        let aborted = close_all(
-            live,
-            || context.going_away.to_vec(),
-            &all_finished,
-            config.shutdown_timeout,
-            ABORT_GRACE,
-        );
-        if aborted > 0 {
-            warn!(
-                "{} did not close within {:?}; dropped them",
-                crate::count(aborted, "connection"),
-                config.shutdown_timeout
-            );
-        }
+        close_connections(&registry, &context, &all_finished, config.shutdown_timeout);
         metrics_server.stop();
         info!("Server stopped");
         Ok(())
+    }
+}
+
+/// Closes every live connection with 1001 (the acceptor has stopped) and cuts off sockets
+/// still in their handshake; waits up to `timeout` for the connection threads (their last
+/// clone of `alive` disconnects `all_finished`), then aborts what is left.
+fn close_connections(
+    registry: &Registry,
+    context: &Context,
+    all_finished: &crossbeam_channel::Receiver<()>,
+    timeout: Duration,
+) {
+    let entries = registry.entries();
+    info!(
+        "Shutting down: closing {}",
+        crate::count(entries.len(), "connection")
+    );
+    for (id, entry) in &entries {
+        debug!(
+            "closing conn-{id} {} (up {:.1}s)",
+            entry.peer,
+            entry.connected_at.elapsed().as_secs_f64()
+        );
+    }
+    drop(entries); // holding their streams would keep finished connections' sockets open
+    let cut_short = registry.abort_handshakes();
+    if cut_short > 0 {
+        info!(
+            "Closed {} that had not finished the upgrade request",
+            crate::count(cut_short, "socket")
+        );
+    }
+    let live = || {
+        registry
+            .entries()
+            .into_iter()
+            .map(|(_, entry)| entry.stream)
+            .collect()
+    };
+    let aborted = close_all(
+        live,
+        || context.going_away.to_vec(),
+        all_finished,
+        timeout,
+        ABORT_GRACE,
+    );
+    if aborted > 0 {
+        warn!(
+            "{} did not close within {timeout:?}; dropped them",
+            crate::count(aborted, "connection"),
+        );
     }
 }
