@@ -2,5 +2,6 @@
 
 mod client;
 mod hostile;
+mod metrics_http;
 mod server;
 mod support;
