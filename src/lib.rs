@@ -14,7 +14,8 @@
 //! - [`server`]: accept loop, opening handshake, echo threads, connection registry.
 //! - [`client`]: connection threads: connect, ping, status, reconnect.
 //! - [`stream`]: the socket shared between a connection's thread and shutdown.
-//! - [`metrics`]: the Prometheus registry and its HTTP thread.
+//! - [`metrics`]: the Prometheus registry and the routes of the metrics port.
+//! - [`http`]: the metrics port's HTTP endpoint: bounded, named threads, a deadline per request.
 //! - [`shutdown`], [`net`], [`error`]: signalling, socket set-up, errors.
 //!
 //! Invariants: `websocket_connections` equals the number of entries in the server's
@@ -26,6 +27,7 @@ pub mod config;
 pub mod ending;
 pub mod error;
 mod frame;
+pub mod http;
 pub mod metrics;
 pub mod net;
 pub mod server;

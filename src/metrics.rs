@@ -1,13 +1,14 @@
-//! Prometheus metrics of the server and the tiny_http thread that serves them.
+//! Prometheus metrics of the server and the endpoint that serves them: `/metrics`,
+//! `/healthz` and `/readyz` on the bounded HTTP endpoint of [`crate::http`].
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::sync::Arc;
 
-use log::{debug, error, warn};
+use log::warn;
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use crate::http::{self, Endpoint, Response};
 
 /// The server's metrics in a registry of their own (not the process-global one, so several
 /// servers can live in one process).
@@ -87,13 +88,12 @@ impl Metrics {
         }
     }
 
-    /// The metrics in the Prometheus text exposition format.
-    pub fn render(&self) -> Vec<u8> {
+    /// The metrics in the Prometheus text exposition format. Fails when a collector
+    /// yields a metric family the encoder refuses (one without a name, say).
+    pub fn render(&self) -> prometheus::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(4096);
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding cannot fail");
-        out
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(out)
     }
 }
 
@@ -103,128 +103,114 @@ impl Default for Metrics {
     }
 }
 
-/// The HTTP endpoint: `/metrics`, `/healthz` (alive) and `/readyz` (accepting connections).
+/// The metrics port: `/metrics`, `/healthz` (alive) and `/readyz` (accepting connections),
+/// served by [`http::serve`] from `metrics-http` and a few `metrics-N` threads.
 pub struct MetricsServer {
-    shared: Arc<Shared>,
-    thread: JoinHandle<()>,
+    ready: Arc<AtomicBool>,
+    endpoint: Endpoint,
 }
-
-struct Shared {
-    ready: AtomicBool,
-    stopping: AtomicBool,
-    /// The tiny_http server now serving, so `stop` can unblock it.
-    current: Mutex<Option<Arc<tiny_http::Server>>>,
-}
-
-/// Wait before serving again after tiny_http gave up (its accept thread ends for good on
-/// an accept error such as EMFILE).
-const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 impl MetricsServer {
-    /// Serves `metrics` on `listener` from a thread named `metrics-http`.
+    /// Serves `metrics` on `listener`.
     pub fn start(listener: TcpListener, metrics: Metrics) -> std::io::Result<Self> {
-        let shared = Arc::new(Shared {
-            ready: AtomicBool::new(true),
-            stopping: AtomicBool::new(false),
-            current: Mutex::new(None),
-        });
-        let first = Arc::new(
-            tiny_http::Server::from_listener(listener.try_clone()?, None)
-                .map_err(std::io::Error::other)?,
-        );
-        let thread = thread::Builder::new().name("metrics-http".into()).spawn({
-            let shared = shared.clone();
-            move || supervise(listener, first, &metrics, &shared)
-        })?;
-        Ok(MetricsServer { shared, thread })
+        let ready = Arc::new(AtomicBool::new(true));
+        let endpoint = http::serve(
+            listener,
+            Arc::new({
+                let ready = ready.clone();
+                move |path: &str| route(path, &metrics, &ready)
+            }),
+        )?;
+        Ok(MetricsServer { ready, endpoint })
     }
 
     /// Makes `/readyz` answer 503, so load balancers stop sending new connections.
     pub fn set_not_ready(&self) {
-        self.shared.ready.store(false, Ordering::SeqCst);
+        self.ready.store(false, Ordering::SeqCst);
     }
 
-    /// Stops serving and joins the thread.
+    /// Stops serving and joins the threads.
     pub fn stop(self) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        if let Some(http) = self.shared.lock_current().as_ref() {
-            http.unblock();
-        }
-        if let Err(panic) = self.thread.join() {
-            std::panic::resume_unwind(panic);
-        }
+        self.endpoint.stop();
     }
 }
 
-impl Shared {
-    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Arc<tiny_http::Server>>> {
-        self.current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// Serves until stopped, starting a new tiny_http server on the same listener whenever the
-/// current one gives up, so a burst of EMFILE cannot take the probes down for good.
-fn supervise(
-    listener: TcpListener,
-    first: Arc<tiny_http::Server>,
-    metrics: &Metrics,
-    shared: &Shared,
-) {
-    let mut http = first;
-    loop {
-        *shared.lock_current() = Some(http.clone());
-        if shared.stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        serve(&http, metrics, &shared.ready);
-        if shared.stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        error!("metrics endpoint stopped accepting; serving again in {RESTART_DELAY:?}");
-        http = loop {
-            let _ = crossbeam_channel::after(RESTART_DELAY).recv();
-            if shared.stopping.load(Ordering::SeqCst) {
-                return;
+fn route(path: &str, metrics: &Metrics, ready: &AtomicBool) -> Response {
+    match path {
+        "/metrics" => match metrics.render() {
+            Ok(body) => Response {
+                status: 200,
+                content_type: prometheus::TEXT_FORMAT,
+                body,
+            },
+            Err(error) => {
+                warn!("cannot encode the metrics: {error}");
+                Response::text(500, &format!("cannot encode the metrics: {error}"))
             }
-            let restarted = listener
-                .try_clone()
-                .map_err(|error| error.to_string())
-                .and_then(|clone| {
-                    tiny_http::Server::from_listener(clone, None).map_err(|e| e.to_string())
-                });
-            match restarted {
-                Ok(next) => break Arc::new(next),
-                Err(error) => error!("cannot restart the metrics endpoint: {error}; trying again"),
-            }
-        };
+        },
+        "/healthz" => Response::text(200, "ok"),
+        "/readyz" if ready.load(Ordering::SeqCst) => Response::text(200, "ready"),
+        "/readyz" => Response::text(503, "shutting down"),
+        _ => Response::text(404, "not found"),
     }
 }
 
-fn serve(http: &tiny_http::Server, metrics: &Metrics, ready: &AtomicBool) {
-    for request in http.incoming_requests() {
-        let path = request.url().split('?').next().unwrap_or("");
-        debug!(
-            "{} {} from {:?}",
-            request.method(),
-            request.url(),
-            request.remote_addr()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::core::{Collector, Desc};
+    use prometheus::proto::MetricFamily;
+
+    /// A collector whose family has lost its name, which the text encoder refuses.
+    struct Nameless(IntCounter);
+
+    impl Collector for Nameless {
+        fn desc(&self) -> Vec<&Desc> {
+            self.0.desc()
+        }
+
+        fn collect(&self) -> Vec<MetricFamily> {
+            let mut families = self.0.collect();
+            families.iter_mut().for_each(MetricFamily::clear_name);
+            families
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let (metrics, ready) = (Metrics::new(), AtomicBool::new(true));
+        let metrics_page = route("/metrics", &metrics, &ready);
+        assert_eq!(metrics_page.status, 200);
+        assert_eq!(metrics_page.content_type, prometheus::TEXT_FORMAT);
+        let text = String::from_utf8(metrics_page.body).unwrap();
+        assert!(text.contains("\nwebsocket_connections 0\n"), "{text}");
+        assert_eq!(
+            route("/healthz", &metrics, &ready),
+            Response::text(200, "ok")
         );
-        let response = match path {
-            "/metrics" => tiny_http::Response::from_data(metrics.render()).with_header(
-                tiny_http::Header::from_bytes("Content-Type", prometheus::TEXT_FORMAT)
-                    .expect("valid header"),
-            ),
-            "/healthz" => tiny_http::Response::from_string("ok\n"),
-            "/readyz" if ready.load(Ordering::SeqCst) => {
-                tiny_http::Response::from_string("ready\n")
-            }
-            "/readyz" => tiny_http::Response::from_string("shutting down\n").with_status_code(503),
-            _ => tiny_http::Response::from_string("not found\n").with_status_code(404),
-        };
-        if let Err(error) = request.respond(response) {
-            warn!("metrics response failed: {error}");
-        }
+        assert_eq!(
+            route("/readyz", &metrics, &ready),
+            Response::text(200, "ready")
+        );
+        assert_eq!(route("/", &metrics, &ready).status, 404);
+        ready.store(false, Ordering::SeqCst);
+        assert_eq!(route("/readyz", &metrics, &ready).status, 503);
+    }
+
+    #[test]
+    fn an_encoding_error_answers_500_with_a_one_line_reason() {
+        let metrics = Metrics::new();
+        let broken = IntCounter::new("broken_total", "loses its name").unwrap();
+        broken.inc();
+        metrics
+            .registry
+            .register(Box::new(Nameless(broken)))
+            .unwrap();
+        assert!(metrics.render().is_err());
+        let response = route("/metrics", &metrics, &AtomicBool::new(true));
+        assert_eq!(response.status, 500);
+        let body = String::from_utf8(response.body).unwrap();
+        assert!(body.starts_with("cannot encode the metrics: "), "{body}");
+        assert_eq!(body.lines().count(), 1, "{body}");
     }
 }

@@ -8,5 +8,6 @@
 mod client;
 mod harness;
 mod hostile;
+mod metrics_http;
 mod server;
 mod support;
