@@ -1,7 +1,7 @@
 //! The echo server: a blocking accept loop that gives every socket its own named thread.
 //!
 //! Threads: `acceptor` (accept loop), `conn-N` (one per connection: handshake, then echo),
-//! `reporter` (logs the connection count), `metrics-http` (Prometheus endpoint), and the
+//! `reporter` (logs the connection count), `metrics-http` and `metrics-1..4` (the metrics endpoint), and the
 //! caller's thread, which waits for shutdown and then drains the connections.
 
 mod acceptor;
