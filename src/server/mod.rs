@@ -1,8 +1,9 @@
 //! The echo server: a blocking accept loop that gives every socket its own named thread.
 //!
 //! Threads: `acceptor` (accept loop), `conn-N` (one per connection: handshake, then echo),
-//! `reporter` (logs the connection count), `metrics-http` and `metrics-1..4` (the metrics endpoint), and the
-//! caller's thread, which waits for shutdown and then drains the connections.
+//! `rejecter` (503 past the ceiling), `reporter` (logs the connection count), `metrics-http`
+//! and `metrics-1..4` (the metrics endpoint), and the caller's thread, which waits for
+//! shutdown and then drains the connections.
 
 mod acceptor;
 pub mod capacity;
