@@ -162,19 +162,21 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        let ending = self
+            .ending
+            .take()
+            .unwrap_or_else(|| Ending::new(Reason::Error, "connection thread panicked"));
+        // Counted before it leaves the registry: whoever sees the connection gone also sees
+        // why it went.
+        self.registry
+            .closed
+            .with_label_values(&[ending.reason.label(), &ending.code_label()])
+            .inc();
         {
             let mut connections = self.registry.write();
             connections.remove(&self.id);
             self.registry.gauge.set(connections.len() as i64);
         }
-        let ending = self
-            .ending
-            .take()
-            .unwrap_or_else(|| Ending::new(Reason::Error, "connection thread panicked"));
-        self.registry
-            .closed
-            .with_label_values(&[ending.reason.label(), &ending.code_label()])
-            .inc();
         let lived = self.connected_at.elapsed().as_secs_f64();
         info!("Disconnected: {} ({ending}, after {lived:.1}s)", self.peer);
     }

@@ -1,797 +1,822 @@
-//! The `client` binary: holding connections, noticing dead ones, reconnecting, shutting down,
-//! and its command line. Peers are the real `server` binary or small tungstenite servers
-//! written here, all on 127.0.0.1.
+//! The client in this process ([`TestClient`]): holding connections, noticing dead ones,
+//! reconnecting, shutting down. Tests wait on what can be observed: the client's counters,
+//! the real server's registry and metrics ([`TestServer`]), and what a small tungstenite
+//! [`Peer`] written here records, with the time it recorded it.
+//!
+//! Timing rules: a lower bound ("not before the pong timeout") is measured from a moment
+//! known to come no later than the event it starts from, to an observation made no earlier
+//! than the event it ends at, so delays on a busy machine only lengthen what is measured.
+//! Upper bounds are generous and scaled by `WEBSOCKET_TEST_TIME_SCALE`.
 
 use std::collections::BTreeSet;
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread;
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
-use tungstenite::{Message, WebSocket};
+use tungstenite::{Error as WsError, Message, WebSocket};
+use websocket_test::client::{ClientStats, Counter, CLOSE_TIMEOUT};
+use websocket_test::config::parse_duration;
+use websocket_test::ending::Reason;
+use websocket_test::server::ServerState;
+use websocket_test::shutdown::{self, Trigger};
+use websocket_test::{Server, ServerConfig};
 
-use crate::support::{self, Proc, Server, PATIENCE};
+use crate::harness::{TestClient, TestServer, FAST};
+use crate::support::{self, patience, scaled};
 
-/// Timings of every test client (flags listed in `extra` replace these).
-const FAST: [(&str, &str); 5] = [
-    ("--ping-interval", "100ms"),
-    ("--pong-timeout", "300ms"),
-    ("--status-interval", "200ms"),
-    ("--reconnect-delay", "300ms"),
-    ("--connect-timeout", "2s"),
-];
-const PING_INTERVAL_MS: i64 = 100;
-const PONG_TIMEOUT_MS: i64 = 300;
-const RECONNECT_DELAY_MS: i64 = 300;
-/// How long after a signal the client must have exited.
-const EXIT_LIMIT: Duration = Duration::from_secs(1);
+/// For what normally takes milliseconds (the wait helpers scale it).
+const SOON: Duration = Duration::from_secs(10);
+/// Timer granularity allowed on lower bounds.
+const SLACK: Duration = Duration::from_millis(20);
+/// After [`CLOSE_TIMEOUT`], how long shutdown waits for aborted connections (private in
+/// `src/client/mod.rs`).
+const ABORT_GRACE: Duration = Duration::from_millis(200);
+/// How long `Client::run` may take to return after shutdown is requested.
+const STOP_LIMIT: Duration = CLOSE_TIMEOUT.saturating_add(ABORT_GRACE);
 
-/// Arguments for a client of 127.0.0.1:`port` with the [`FAST`] timings and `extra` flags.
-fn client_args(port: Option<u16>, extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["--host".to_string(), "127.0.0.1".to_string()];
-    if let Some(port) = port {
-        args.extend(["--port".to_string(), port.to_string()]);
-    }
-    for (flag, value) in FAST {
-        if !extra.contains(&flag) {
-            args.extend([flag.to_string(), value.to_string()]);
-        }
-    }
-    args.extend(extra.iter().map(std::string::ToString::to_string));
-    args
+/// The value of `flag` in the harness's [`FAST`] timings.
+fn fast(flag: &str) -> Duration {
+    let (_, value) = FAST
+        .iter()
+        .find(|(name, _)| *name == flag)
+        .unwrap_or_else(|| panic!("{flag} is not among the harness timings"));
+    parse_duration(value).unwrap()
 }
 
-/// Starts a client of 127.0.0.1:`port` with the [`FAST`] timings and `extra` flags.
-fn start_client(port: u16, extra: &[&str]) -> Proc {
-    let args = client_args(Some(port), extra);
-    Proc::start(
-        "client",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+fn ping_interval() -> Duration {
+    fast("--ping-interval")
+}
+
+fn pong_timeout() -> Duration {
+    fast("--pong-timeout")
+}
+
+fn reconnect_delay() -> Duration {
+    fast("--reconnect-delay")
+}
+
+/// The reasons the client's connections ended so far, with counts (only those that
+/// happened), e.g. `[("shutdown", 1)]`.
+fn endings(stats: &ClientStats) -> Vec<(&'static str, u64)> {
+    Reason::ALL
+        .iter()
+        .map(|&reason| (reason.label(), stats.ended(reason)))
+        .filter(|&(_, n)| n > 0)
+        .collect()
+}
+
+/// The client's counters, for failure messages.
+fn describe(stats: &ClientStats) -> String {
+    format!(
+        "up={} connects={} connect_failures={} losses={} pings={} pongs={} ended={:?}",
+        stats.connections_up(),
+        stats.get(Counter::Connects),
+        stats.get(Counter::ConnectFailures),
+        stats.get(Counter::Losses),
+        stats.get(Counter::Pings),
+        stats.get(Counter::Pongs),
+        endings(stats)
     )
 }
 
-/// `ws://127.0.0.1:PORT/ws`, as the client logs it.
-fn url(port: u16) -> String {
-    format!("ws://127.0.0.1:{port}/ws")
+/// Waits up to `within` (scaled) until the client's counters satisfy `condition`; a
+/// timeout names them all.
+fn wait_for(
+    client: &TestClient,
+    what: &str,
+    within: Duration,
+    condition: impl Fn(&ClientStats) -> bool,
+) {
+    let deadline = Instant::now() + scaled(within);
+    while !condition(client.stats()) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {:?} waiting until {what}; client: {}",
+            scaled(within),
+            describe(client.stats())
+        );
+        thread::sleep(Duration::from_millis(5)); // polling interval
+    }
 }
 
-/// A port nothing listens on (bound by the OS, then released).
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Asserts `earlier + at_least <= later` (less [`SLACK`]), naming `what`.
+fn assert_not_before(what: &str, earlier: Instant, later: Instant, at_least: Duration) {
+    let took = later.saturating_duration_since(earlier);
+    assert!(
+        took + SLACK >= at_least,
+        "{what} after {took:?}, sooner than {at_least:?}"
+    );
 }
 
-/// Milliseconds since midnight UTC of a log line (`2026-01-01T12:34:56.789Z ...`).
-fn log_ms(line: &str) -> i64 {
-    let time = line
-        .get(11..23)
-        .unwrap_or_else(|| panic!("no timestamp in {line:?}"));
-    let parse = |range: std::ops::Range<usize>| -> i64 {
-        time[range]
-            .parse()
-            .unwrap_or_else(|e| panic!("no timestamp in {line:?}: {e}"))
+// ----------------------------------------------------------------------------------------
+// Peer: a tungstenite server that records what it sees
+// ----------------------------------------------------------------------------------------
+
+/// What a [`Peer`] saw of one connection. Times are taken after the event, never before.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// The client's address: each connection has its own port.
+    client: SocketAddr,
+    /// When `accept` returned: before the 101, so before the client's session started.
+    accepted: Instant,
+    /// When each ping arrived.
+    pings: Vec<Instant>,
+    /// When each Close frame from the client arrived.
+    closes: Vec<Instant>,
+    /// When the peer stopped reading (it holds the socket open, silent).
+    deaf: Option<Instant>,
+    /// When the peer saw the connection end.
+    ended: Option<Instant>,
+}
+
+/// The records for a failure message, times in milliseconds since the first accept.
+fn report(seen: &[Seen]) -> String {
+    let Some(start) = seen.first().map(|first| first.accepted) else {
+        return "no connection accepted".into();
     };
-    ((parse(0..2) * 60 + parse(3..5)) * 60 + parse(6..8)) * 1000 + parse(9..12)
+    let ms = |at: &Instant| at.saturating_duration_since(start).as_millis();
+    let all = |times: &[Instant]| times.iter().map(ms).collect::<Vec<_>>();
+    let when = |at: &Option<Instant>| at.as_ref().map(ms);
+    seen.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "\n  {} from {}: accepted {} ms, pings {:?}, closes {:?}, deaf {:?}, ended {:?}",
+                i + 1,
+                s.client,
+                ms(&s.accepted),
+                all(&s.pings),
+                all(&s.closes),
+                when(&s.deaf),
+                when(&s.ended)
+            )
+        })
+        .collect()
 }
 
-/// Milliseconds from log line `from` to log line `to` (across midnight too).
-fn ms_between(from: &str, to: &str) -> i64 {
-    (log_ms(to) - log_ms(from)).rem_euclid(86_400_000)
+/// What the acceptor and the connection threads share.
+#[derive(Default)]
+struct Records {
+    seen: Mutex<Vec<Seen>>,
+    /// A clone of every accepted socket: it keeps a connection open after its thread lets
+    /// go of it, and dropping the peer shuts them all down.
+    sockets: Mutex<Vec<TcpStream>>,
 }
 
-/// The connection index of a `[Connection i] ...` line.
-fn connection_index(line: &str) -> u32 {
-    let (_, rest) = line
-        .split_once("[Connection ")
-        .unwrap_or_else(|| panic!("no index in {line:?}"));
-    rest[..rest.find(']').unwrap()].parse().unwrap()
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Sends `signal` to `client` and returns its exit status and how long it took to exit.
-fn stop(client: &mut Proc, signal: &str) -> (std::process::ExitStatus, Duration) {
-    let sent = Instant::now();
-    client.signal(signal);
-    let status = client.wait_exit(PATIENCE);
-    (status, sent.elapsed())
-}
-
-/// Asserts `client` exited 0 within [`EXIT_LIMIT`] and said goodbye.
-fn assert_clean_exit(client: &Proc, status: std::process::ExitStatus, took: Duration) {
-    client.wait_for("Client stopped", PATIENCE);
-    assert!(
-        status.success(),
-        "client exited with {status}; output:\n{}",
-        client.output()
-    );
-    assert!(
-        took < EXIT_LIMIT,
-        "client took {took:?} to exit after the signal; output:\n{}",
-        client.output()
-    );
-}
-
-type Socket = WebSocket<TcpStream>;
-/// What an in-test server does with its `n`th accepted (1-based) and upgraded connection;
-/// a socket it returns is kept open, unread, until the server is dropped.
-type Behaviour = dyn Fn(usize, Socket) -> Option<Socket> + Send + Sync;
-
-/// A tungstenite WebSocket server on 127.0.0.1 with one thread per connection.
-struct TestServer {
-    port: u16,
-    accepted: Arc<AtomicUsize>,
-    held: Arc<Mutex<Vec<Socket>>>,
+/// A WebSocket server on 127.0.0.1 with one named thread (`peer-N`) per connection, each
+/// running the test's behaviour; it records every connection in a [`Seen`].
+struct Peer {
+    addr: SocketAddr,
+    records: Arc<Records>,
     stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
-impl TestServer {
-    fn start(
-        behaviour: impl Fn(usize, Socket) -> Option<Socket> + Send + Sync + 'static,
-    ) -> TestServer {
+type Ws = WebSocket<TcpStream>;
+
+/// Connection `n` (1-based, in accept order) as a behaviour sees it.
+struct Conn {
+    n: usize,
+    records: Arc<Records>,
+}
+
+impl Peer {
+    fn start(behaviour: impl Fn(Conn, TcpStream) + Send + Sync + 'static) -> Peer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let held = Arc::new(Mutex::new(Vec::new()));
+        let addr = listener.local_addr().unwrap();
+        let records = Arc::new(Records::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let behaviour: Arc<Behaviour> = Arc::new(behaviour);
-        let (accepted2, held2, stop2) = (accepted.clone(), held.clone(), stop.clone());
-        thread::spawn(move || {
-            for (index, tcp) in listener.incoming().enumerate() {
-                if stop2.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(tcp) = tcp else { continue };
-                let (behaviour, accepted, held) =
-                    (behaviour.clone(), accepted2.clone(), held2.clone());
-                thread::spawn(move || {
-                    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
-                    let socket = tungstenite::accept(tcp).expect("the client's upgrade is valid");
-                    accepted.fetch_add(1, Ordering::SeqCst);
-                    if let Some(socket) = behaviour(index + 1, socket) {
-                        held.lock().unwrap().push(socket);
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let behaviour = Arc::new(behaviour);
+        let acceptor = thread::Builder::new()
+            .name("peer-acceptor".into())
+            .spawn({
+                let (records, stop, threads) = (records.clone(), stop.clone(), threads.clone());
+                move || {
+                    for tcp in listener.incoming() {
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let Ok(tcp) = tcp else { continue };
+                        let n = {
+                            let mut seen = lock(&records.seen);
+                            seen.push(Seen {
+                                client: tcp.peer_addr().unwrap(),
+                                accepted: Instant::now(),
+                                pings: Vec::new(),
+                                closes: Vec::new(),
+                                deaf: None,
+                                ended: None,
+                            });
+                            seen.len()
+                        };
+                        lock(&records.sockets).push(tcp.try_clone().unwrap());
+                        let conn = Conn {
+                            n,
+                            records: records.clone(),
+                        };
+                        let behaviour = behaviour.clone();
+                        let thread = thread::Builder::new()
+                            .name(format!("peer-{n}"))
+                            .spawn(move || behaviour(conn, tcp))
+                            .unwrap();
+                        lock(&threads).push(thread);
                     }
-                });
-            }
-        });
-        TestServer {
-            port,
-            accepted,
-            held,
+                }
+            })
+            .unwrap();
+        Peer {
+            addr,
+            records,
             stop,
+            acceptor: Some(acceptor),
+            threads,
         }
     }
 
-    /// Connections upgraded so far.
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
+    /// Everything recorded so far, one entry per accepted connection.
+    fn seen(&self) -> Vec<Seen> {
+        lock(&self.records.seen).clone()
+    }
+
+    /// Waits up to `within` (scaled) until the records satisfy `condition`; returns them.
+    fn wait(&self, what: &str, within: Duration, condition: impl Fn(&[Seen]) -> bool) -> Vec<Seen> {
+        let deadline = Instant::now() + scaled(within);
+        loop {
+            let seen = self.seen();
+            if condition(&seen) {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {:?} waiting until {what}; the peer saw:{}",
+                scaled(within),
+                report(&seen)
+            );
+            thread::sleep(Duration::from_millis(5)); // polling interval
+        }
     }
 }
 
-impl Drop for TestServer {
+impl Drop for Peer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        self.held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        // Wake the acceptor with a connection of our own.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for socket in lock(&self.records.sockets).drain(..) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+        for thread in lock(&self.threads).drain(..) {
+            let _ = thread.join();
+        }
     }
 }
 
-/// Reads until the connection ends (tungstenite answers pings and Close frames on its own),
-/// counting the pings.
-fn serve(mut socket: Socket, pings: &AtomicUsize) {
-    socket.get_mut().set_read_timeout(None).unwrap();
-    loop {
-        match socket.read() {
-            Ok(Message::Ping(_)) => {
-                pings.fetch_add(1, Ordering::SeqCst);
+impl Conn {
+    fn note(&self, update: impl FnOnce(&mut Seen)) {
+        update(&mut lock(&self.records.seen)[self.n - 1]);
+    }
+
+    /// Answers the client's upgrade; `None` (the connection recorded as ended) if it fails.
+    fn upgrade(&self, tcp: TcpStream) -> Option<Ws> {
+        tcp.set_read_timeout(Some(patience())).unwrap();
+        match tungstenite::accept(tcp) {
+            Ok(ws) => Some(ws),
+            Err(_) => {
+                self.note(|seen| seen.ended = Some(Instant::now()));
+                None
             }
-            Ok(_) => {}
-            Err(_) => return,
         }
     }
-}
 
-/// Starts the real server on 127.0.0.1:`port`, retrying while the port cannot be bound yet.
-fn start_server_on(port: u16) -> Server {
-    let port_arg = port.to_string();
-    let args = [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port_arg,
-        "--metrics-port",
-        "0",
-    ];
-    let mut failures = Vec::new();
-    for _ in 0..5 {
-        let proc = Proc::start("server", &args);
-        support::wait_until("the server listens or fails to bind", || {
-            proc.count("Listening on ws://") > 0 || proc.count("cannot listen") > 0
-        });
-        if proc.count("Listening on ws://") > 0 {
-            let addr =
-                support::address_after(&proc.wait_for("Listening on ws://", PATIENCE), "ws://");
-            let metrics =
-                support::address_after(&proc.wait_for("Metrics on http://", PATIENCE), "http://");
-            assert_eq!(addr.port(), port);
-            return Server {
-                proc,
-                addr,
-                metrics,
+    /// Reads until the connection ends, recording pings and Close frames; tungstenite
+    /// answers both. Once `freeze` is set the peer stops reading and keeps the socket open
+    /// (through the peer's clone): neither pongs nor a Close reply come back.
+    fn serve(&self, mut ws: Ws, freeze: Option<&AtomicBool>) {
+        // With a freeze flag, poll it between reads.
+        let timeout = freeze.map(|_| Duration::from_millis(5));
+        ws.get_mut().set_read_timeout(timeout).unwrap();
+        loop {
+            if freeze.is_some_and(|freeze| freeze.load(Ordering::SeqCst)) {
+                self.note(|seen| seen.deaf = Some(Instant::now()));
+                return;
+            }
+            match ws.read() {
+                Ok(Message::Ping(_)) => self.note(|seen| seen.pings.push(Instant::now())),
+                Ok(Message::Close(_)) => self.note(|seen| seen.closes.push(Instant::now())),
+                Ok(_) => {}
+                Err(WsError::Io(error))
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        self.end(ws.get_ref());
+    }
+
+    /// Reads the client's frames raw and never answers: records pings and Close frames
+    /// until the connection ends.
+    fn listen(&self, mut tcp: TcpStream) {
+        tcp.set_read_timeout(None).unwrap();
+        let mut header = [0u8; 2];
+        while tcp.read_exact(&mut header).is_ok() {
+            let len = match header[1] & 0x7f {
+                126 => {
+                    let mut ext = [0u8; 2];
+                    if tcp.read_exact(&mut ext).is_err() {
+                        break;
+                    }
+                    u64::from(u16::from_be_bytes(ext))
+                }
+                127 => {
+                    let mut ext = [0u8; 8];
+                    if tcp.read_exact(&mut ext).is_err() {
+                        break;
+                    }
+                    u64::from_be_bytes(ext)
+                }
+                short => u64::from(short),
             };
+            let mask = if header[1] & 0x80 != 0 { 4 } else { 0 };
+            let skipped = io::copy(&mut (&tcp).take(mask + len), &mut io::sink());
+            if skipped.ok() != Some(mask + len) {
+                break;
+            }
+            let now = Instant::now();
+            match header[0] & 0x0f {
+                0x9 => self.note(|seen| seen.pings.push(now)),
+                0x8 => self.note(|seen| seen.closes.push(now)),
+                _ => {}
+            }
         }
-        failures.push(proc.output());
+        self.end(&tcp);
     }
-    panic!(
-        "cannot start a server on port {port}:\n{}",
-        failures.join("\n")
-    );
+
+    /// Records the end and closes the TCP connection (the peer's clone would keep it open).
+    fn end(&self, tcp: &TcpStream) {
+        self.note(|seen| seen.ended = Some(Instant::now()));
+        let _ = tcp.shutdown(std::net::Shutdown::Both);
+    }
 }
 
-#[test]
-fn stays_connected_to_the_real_server() {
-    let server = Server::start(&[]);
-    let client = start_client(server.addr.port(), &[]);
-    client.wait_for(
-        &format!("[Connection 1] Connected to {}", server.url()),
-        PATIENCE,
-    );
-    server.wait_for_gauge(1);
-    client.wait_for_nth(
-        &format!(
-            "[Connection 1] Connection status: CONNECTED to {}",
-            server.url()
-        ),
-        3,
-        PATIENCE,
-    );
-    // Three status lines at 200 ms span several pings and pong timeouts of 300 ms.
-    assert_eq!(
-        client.count("Connection lost"),
-        0,
-        "output:\n{}",
-        client.output()
-    );
-    assert_eq!(
-        client.count("Connected to"),
-        1,
-        "output:\n{}",
-        client.output()
-    );
-    assert_eq!(server.metric("websocket_connections"), 1.0);
-}
-
-#[test]
-fn pings_flow_and_pongs_keep_the_connection() {
-    let pings = Arc::new(AtomicUsize::new(0));
-    let server = TestServer::start({
-        let pings = pings.clone();
-        move |_, socket| {
-            serve(socket, &pings);
-            None
+/// A peer that answers everything (tungstenite's pongs and Close replies).
+fn serving_peer() -> Peer {
+    Peer::start(|conn, tcp| {
+        if let Some(ws) = conn.upgrade(tcp) {
+            conn.serve(ws, None);
         }
+    })
+}
+
+// ----------------------------------------------------------------------------------------
+// The real server again, on the same port
+// ----------------------------------------------------------------------------------------
+
+/// The real server on a given port, on a thread named `test-server-2`, stopped (triggered
+/// and joined) on drop. The harness's [`TestServer`] always takes a free port.
+struct ServerOnPort {
+    state: ServerState,
+    trigger: Option<Trigger>,
+    thread: Option<JoinHandle<websocket_test::Result<()>>>,
+}
+
+impl ServerOnPort {
+    /// Binds 127.0.0.1:`port`, retrying while the port is still taken.
+    fn start(port: u16) -> ServerOnPort {
+        let port = port.to_string();
+        let args = [
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--metrics-port",
+            "0",
+        ];
+        let config = ServerConfig::try_parse_from(args).unwrap();
+        let deadline = Instant::now() + patience();
+        let server = loop {
+            match Server::bind(config.clone()) {
+                Ok(server) => break server,
+                Err(error) => assert!(
+                    Instant::now() < deadline,
+                    "cannot bind 127.0.0.1:{port} again within {:?}: {error}",
+                    patience()
+                ),
+            }
+            thread::sleep(Duration::from_millis(10)); // polling interval
+        };
+        let state = server.state();
+        let (trigger, shutdown) = shutdown::channel();
+        let thread = thread::Builder::new()
+            .name("test-server-2".into())
+            .spawn(move || server.run(shutdown))
+            .unwrap();
+        ServerOnPort {
+            state,
+            trigger: Some(trigger),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ServerOnPort {
+    fn drop(&mut self) {
+        drop(self.trigger.take());
+        if let Some(thread) = self.thread.take() {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) if !thread::panicking() => panic!("test-server-2: {error}"),
+                Err(panic) if !thread::panicking() => std::panic::resume_unwind(panic),
+                _ => {}
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// Holding connections
+// ----------------------------------------------------------------------------------------
+
+#[test]
+fn stays_connected_to_the_real_server_across_pong_timeouts() {
+    let server = TestServer::start(&[]);
+    let mut client = TestClient::start(server.addr, &[]);
+    // Eight pongs at the ping interval span several pong timeouts.
+    let pongs = 8;
+    wait_for(
+        &client,
+        &format!("{pongs} pongs"),
+        ping_interval() * pongs + Duration::from_secs(2),
+        |s| s.get(Counter::Pongs) >= u64::from(pongs),
+    );
+    assert!(ping_interval() * pongs > pong_timeout() * 2);
+    server.wait_settled(1);
+    let stats = client.stats();
+    assert_eq!(stats.connections_up(), 1, "{}", describe(stats));
+    assert_eq!(stats.get(Counter::Connects), 1, "{}", describe(stats));
+    assert_eq!(stats.get(Counter::Losses), 0, "{}", describe(stats));
+    assert_eq!(endings(stats), [], "{}", describe(stats));
+
+    client.wait_stopped(STOP_LIMIT);
+    assert_eq!(endings(client.stats()), [("shutdown", 1)]);
+}
+
+#[test]
+fn pings_flow_at_the_interval_and_pongs_keep_the_connection() {
+    let peer = serving_peer();
+    let mut client = TestClient::start(peer.addr, &[]);
+    let pings = 8;
+    let seen = peer.wait(
+        &format!("{pings} pings arrive"),
+        ping_interval() * pings as u32 + Duration::from_secs(2),
+        |seen| seen.len() == 1 && seen[0].pings.len() >= pings,
+    );
+    // Ping k goes out no sooner than k intervals after the session starts, which is after
+    // the peer accepted the connection.
+    for (k, &at) in seen[0].pings.iter().enumerate() {
+        assert_not_before(
+            &format!("ping {} arrived", k + 1),
+            seen[0].accepted,
+            at,
+            ping_interval() * (k as u32 + 1),
+        );
+    }
+    let stats = client.stats();
+    assert_eq!(stats.get(Counter::Losses), 0, "{}", describe(stats));
+    assert_eq!(stats.connections_up(), 1, "{}", describe(stats));
+    wait_for(&client, "the pongs are counted", SOON, |s| {
+        s.get(Counter::Pongs) >= pings as u64 - 1
     });
-    let client = start_client(server.port, &[]);
-    client.wait_for("[Connection 1] Connected to", PATIENCE);
-    let connected = Instant::now();
-    support::wait_until("3 pings arrive", || pings.load(Ordering::SeqCst) >= 3);
-    let took = connected.elapsed();
-    assert!(
-        took < Duration::from_secs(1),
-        "3 pings at a 100ms interval took {took:?}"
-    );
-    // Eight pings take 800 ms, well past the 300 ms pong timeout of the first one.
-    support::wait_until("8 pings arrive", || pings.load(Ordering::SeqCst) >= 8);
-    assert_eq!(
-        client.count("Connection lost"),
-        0,
-        "output:\n{}",
-        client.output()
-    );
-    assert_eq!(server.accepted(), 1);
-    assert!(
-        client.count("Connection status: CONNECTED") >= 2,
-        "output:\n{}",
-        client.output()
-    );
+
+    client.wait_stopped(STOP_LIMIT);
+    assert_eq!(peer.seen().len(), 1, "{}", report(&peer.seen()));
+    assert_eq!(endings(client.stats()), [("shutdown", 1)]);
 }
 
 #[test]
 fn a_server_that_stops_answering_is_declared_dead_and_reconnected() {
-    // Completes the handshake, then never reads again: pings go unanswered.
-    let server = TestServer::start(|_, socket| Some(socket));
-    let client = start_client(server.port, &[]);
-    let connected = client.wait_for(
-        &format!("[Connection 1] Connected to {}", url(server.port)),
-        PATIENCE,
-    );
-    let lost = client.wait_for(
-        "[Connection 1] Connection lost: no pong within 300ms",
-        PATIENCE,
-    );
-    let after = ms_between(&connected, &lost);
-    assert!(
-        after >= PONG_TIMEOUT_MS,
-        "declared dead {after} ms after connecting, before the pong timeout"
-    );
-    assert!(
-        after < PING_INTERVAL_MS + PONG_TIMEOUT_MS + 1000,
-        "declared dead only {after} ms after connecting; output:\n{}",
-        client.output()
-    );
-    client.wait_for("[Connection 1] Reconnecting in 300ms", PATIENCE);
-    let again = client.wait_for_nth("[Connection 1] Connected to", 2, PATIENCE);
-    assert!(
-        ms_between(&lost, &again) >= RECONNECT_DELAY_MS,
-        "reconnected before the delay:\n{lost}\n{again}"
-    );
-    // The client may log before the server thread has counted its side of the upgrade.
-    support::wait_until("the server upgrades the second connection", || {
-        server.accepted() == 2
+    // Completes the first handshake, then reads raw frames and answers none: no pong comes
+    // back. Serves the connections after it.
+    let peer = Peer::start(|conn, tcp| match conn.upgrade(tcp) {
+        Some(ws) if conn.n == 1 => conn.listen(ws.into_inner()),
+        Some(ws) => conn.serve(ws, None),
+        None => {}
     });
+    let mut client = TestClient::start(peer.addr, &[]);
+    wait_for(&client, "the client connects", SOON, |s| {
+        s.get(Counter::Connects) == 1
+    });
+    wait_for(
+        &client,
+        "the client declares the connection dead",
+        ping_interval() + pong_timeout() + Duration::from_secs(2),
+        |s| s.ended(Reason::PongTimeout) == 1,
+    );
+    let declared = Instant::now();
+    let seen = peer.wait("the peer sees the connection end", SOON, |seen| {
+        seen[0].ended.is_some()
+    });
+    assert!(!seen[0].pings.is_empty(), "{}", report(&seen));
+    // The first ping goes out a ping interval after the session starts at the earliest.
+    assert_not_before(
+        "declared dead",
+        seen[0].accepted + ping_interval(),
+        declared,
+        pong_timeout(),
+    );
+    assert_eq!(client.stats().get(Counter::Pongs), 0);
+
+    wait_for(
+        &client,
+        "the client reconnects",
+        reconnect_delay() + Duration::from_secs(2),
+        |s| s.get(Counter::Connects) == 2,
+    );
+    let seen = peer.wait("the peer accepts it", SOON, |seen| seen.len() == 2);
+    // The loss came no sooner than a ping interval plus the pong timeout after the first
+    // accept.
+    assert_not_before(
+        "reconnected",
+        seen[0].accepted + ping_interval() + pong_timeout(),
+        seen[1].accepted,
+        reconnect_delay(),
+    );
+
+    wait_for(&client, "a pong on the new connection", SOON, |s| {
+        s.get(Counter::Pongs) >= 1
+    });
+
+    client.wait_stopped(STOP_LIMIT);
+    let stats = client.stats();
+    assert_eq!(
+        stats.get(Counter::ConnectFailures),
+        0,
+        "{}",
+        describe(stats)
+    );
+    assert_eq!(stats.get(Counter::Losses), 1, "{}", describe(stats));
+    assert_eq!(
+        endings(stats),
+        [("pong_timeout", 1), ("shutdown", 1)],
+        "{}",
+        describe(stats)
+    );
 }
 
 #[test]
 fn reconnects_to_a_restarted_server_after_the_delay() {
-    let mut first = Server::start(&[]);
-    let port = first.addr.port();
-    let client = start_client(port, &[]);
-    client.wait_for(
-        &format!("[Connection 1] Connected to {}", url(port)),
-        PATIENCE,
-    );
-    first.wait_for_gauge(1);
+    let mut first = TestServer::start(&[]);
+    let mut client = TestClient::start(first.addr, &[]);
+    first.wait_settled(1);
 
-    first.proc.signal("TERM");
-    let lost = client.wait_for(
-        "[Connection 1] Connection lost: server closed the connection: close 1001 \"server shutting down\"",
-        PATIENCE,
-    );
-    client.wait_for("[Connection 1] Reconnecting in 300ms", PATIENCE);
-    let status = first.proc.wait_exit(PATIENCE);
-    assert!(
-        status.success(),
-        "first server: {status}; output:\n{}",
-        first.proc.output()
-    );
+    let stopping = Instant::now();
+    first.shut_down();
+    first.wait_stopped(SOON);
+    wait_for(&client, "the client counts the server's Close", SOON, |s| {
+        s.ended(Reason::PeerClose) == 1 && s.get(Counter::Losses) == 1
+    });
+    let second = ServerOnPort::start(first.addr.port());
+    wait_for(&client, "the client reconnects", SOON, |s| {
+        s.get(Counter::Connects) == 2 && s.connections_up() == 1
+    });
+    assert_not_before("reconnected", stopping, Instant::now(), reconnect_delay());
+    support::wait_until("the second server registers the client", || {
+        second.state.connections() == 1
+    });
 
-    let second = start_server_on(port);
-    let again = client.wait_for_nth(
-        &format!("[Connection 1] Connected to {}", url(port)),
-        2,
-        PATIENCE,
-    );
-    second.wait_for_gauge(1);
-    let after = ms_between(&lost, &again);
-    assert!(
-        after >= RECONNECT_DELAY_MS,
-        "reconnected {after} ms after the loss, before the 300ms delay"
-    );
+    client.wait_stopped(STOP_LIMIT);
+    let stats = client.stats();
+    assert_eq!(stats.get(Counter::Losses), 1, "{}", describe(stats));
     assert_eq!(
-        client.count("Connection lost"),
-        1,
-        "output:\n{}",
-        client.output()
-    );
-}
-
-fn shutdown_closes_with_1000(signal: &str) {
-    let server = Server::start(&[]);
-    let mut client = start_client(server.addr.port(), &[]);
-    client.wait_for("[Connection 1] Connected to", PATIENCE);
-    server.wait_for_gauge(1);
-
-    let (status, took) = stop(&mut client, signal);
-    assert_clean_exit(&client, status, took);
-    let disconnected = server
-        .proc
-        .wait_for("(close 1000 \"client shutting down\"", PATIENCE);
-    assert!(
-        disconnected.contains("Disconnected: 127.0.0.1:"),
-        "{disconnected}"
-    );
-    server.wait_for_gauge(0);
-    assert_eq!(
-        client.count("Connection lost"),
-        0,
-        "output:\n{}",
-        client.output()
+        endings(stats),
+        [("peer_close", 1), ("shutdown", 1)],
+        "{}",
+        describe(stats)
     );
 }
 
 #[test]
-fn sigterm_closes_with_1000_and_exits_promptly() {
-    shutdown_closes_with_1000("TERM");
-}
+fn fifty_connections() {
+    let server = TestServer::start(&[]);
+    let mut client = TestClient::start(server.addr, &["--connections", "50"]);
+    wait_for(&client, "50 connections are up", SOON, |s| {
+        s.connections_up() == 50
+    });
+    server.wait_settled(50);
+    assert_eq!(client.stats().get(Counter::Connects), 50);
 
-#[test]
-fn sigint_closes_with_1000_and_exits_promptly() {
-    shutdown_closes_with_1000("INT");
-}
-
-#[test]
-fn a_signal_during_the_reconnect_delay_exits_promptly() {
-    let mut client = start_client(closed_port(), &["--reconnect-delay", "10s"]);
-    client.wait_for("[Connection 1] Connection failed:", PATIENCE);
-    client.wait_for("[Connection 1] Reconnecting in 10s", PATIENCE);
-    let (status, took) = stop(&mut client, "TERM");
-    assert_clean_exit(&client, status, took);
-    assert_eq!(
-        client.count("Connection failed"),
-        1,
-        "output:\n{}",
-        client.output()
-    );
-}
-
-#[test]
-fn fifty_connections_on_named_threads() {
-    let server = Server::start(&[]);
-    let mut client = start_client(server.addr.port(), &["--connections", "50"]);
-    server.wait_for_gauge(50);
-
-    let names: BTreeSet<String> = std::fs::read_dir(format!("/proc/{}/task", client.pid()))
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .map(|comm| comm.trim().to_string())
-        .collect();
-    let missing: Vec<String> = (1..=50)
-        .map(|i| format!("client-{i}"))
-        .filter(|n| !names.contains(n))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "threads {missing:?} missing; threads: {names:?}"
-    );
-
-    let (status, took) = stop(&mut client, "TERM");
-    assert_clean_exit(&client, status, took);
-    server.wait_for_gauge(0);
-    assert_eq!(
-        server.proc.count("(close 1000 \"client shutting down\""),
-        50,
-        "output:\n{}",
-        server.proc.output()
-    );
+    client.wait_stopped(STOP_LIMIT);
+    server.wait_settled(0);
+    support::wait_until("the server counts 50 closes with 1000", || {
+        server.closed("peer_close", "1000") == 50.0
+    });
+    let stats = client.stats();
+    assert_eq!(endings(stats), [("shutdown", 50)], "{}", describe(stats));
+    assert_eq!(stats.get(Counter::Losses), 0, "{}", describe(stats));
 }
 
 #[test]
 fn connections_are_independent() {
-    // The second upgraded connection is closed with 1000 "bye"; the others are served.
-    let pings = Arc::new(AtomicUsize::new(0));
-    let server = TestServer::start({
-        let pings = pings.clone();
-        move |n, mut socket| {
-            if n == 2 {
-                socket
-                    .close(Some(CloseFrame {
-                        code: CloseCode::Normal,
-                        reason: "bye".into(),
-                    }))
-                    .unwrap();
-            }
-            serve(socket, &pings);
-            None
-        }
-    });
-    let client = start_client(server.port, &["--connections", "3"]);
-    let lost = client.wait_for(
-        "Connection lost: server closed the connection: close 1000 \"bye\"",
-        PATIENCE,
-    );
-    let victim = connection_index(&lost);
-    // The closed connection comes back as the fourth accepted one, which is served.
-    client.wait_for_nth(&format!("[Connection {victim}] Connected to"), 2, PATIENCE);
-    support::wait_until("the fourth connection is accepted", || {
-        server.accepted() == 4
-    });
-
-    let others: Vec<u32> = (1..=3).filter(|&i| i != victim).collect();
-    for &i in &others {
-        let status = format!("[Connection {i}] Connection status: CONNECTED");
-        let before = client.count(&status);
-        client.wait_for_nth(&status, before + 2, PATIENCE);
-    }
-    assert_eq!(
-        client.count("Connection lost"),
-        1,
-        "output:\n{}",
-        client.output()
-    );
-    for &i in &others {
-        assert_eq!(
-            client.count(&format!("[Connection {i}] Connected to")),
-            1,
-            "output:\n{}",
-            client.output()
-        );
-        assert_eq!(
-            client.count(&format!("[Connection {i}] Reconnecting")),
-            0,
-            "output:\n{}",
-            client.output()
-        );
-    }
-}
-
-/// Runs the client with `args` (and `env`) to completion; returns its exit code and output.
-fn run_client(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let (status, output) = Proc::start_with_env("client", args, env).finish(PATIENCE);
-    (status.code(), output)
-}
-
-#[test]
-fn bad_flags_exit_2_with_a_message() {
-    let cases: [(&[&str], &str); 5] = [
-        (
-            &["--connections", "0"],
-            "invalid value '0' for '--connections",
-        ),
-        (
-            &["--ping-interval", "10parsecs"],
-            "unknown unit \"parsecs\"",
-        ),
-        (&["--port", "70000"], "invalid value '70000' for '--port"),
-        (&["--pong-timeout", "0ms"], "must be greater than zero"),
-        (&["--no-such-flag"], "unexpected argument '--no-such-flag'"),
-    ];
-    for (args, message) in cases {
-        let (code, output) = run_client(args, &[]);
-        assert_eq!(code, Some(2), "client {args:?}: {output}");
-        assert!(
-            output.contains(message),
-            "client {args:?} should say {message:?}: {output}"
-        );
-        assert!(
-            !output.contains("Starting"),
-            "client {args:?} started: {output}"
-        );
-    }
-    // An environment twin is validated like its flag.
-    let (code, output) = run_client(&[], &[("WEBSOCKET_TEST_CONNECTIONS", "0")]);
-    assert_eq!(code, Some(2), "WEBSOCKET_TEST_CONNECTIONS=0: {output}");
-    assert!(output.contains("invalid value '0'"), "{output}");
-}
-
-#[test]
-fn help_lists_flags_and_their_environment_twins() {
-    let (code, output) = run_client(&["--help"], &[]);
-    assert_eq!(code, Some(0), "{output}");
-    for name in [
-        "--ping-interval",
-        "WEBSOCKET_TEST_HOST",
-        "WEBSOCKET_TEST_PORT",
-        "WEBSOCKET_TEST_PATH",
-        "WEBSOCKET_TEST_CONNECTIONS",
-        "WEBSOCKET_TEST_PING_INTERVAL",
-        "WEBSOCKET_TEST_PONG_TIMEOUT",
-        "WEBSOCKET_TEST_STATUS_INTERVAL",
-        "WEBSOCKET_TEST_RECONNECT_DELAY",
-        "WEBSOCKET_TEST_CONNECT_TIMEOUT",
-        "WEBSOCKET_TEST_LOG_LEVEL",
-    ] {
-        assert!(
-            output.contains(name),
-            "--help does not mention {name}:\n{output}"
-        );
-    }
-}
-
-#[test]
-fn environment_twins_set_the_port_and_flags_win() {
-    let server = Server::start(&[]);
-    let port = server.addr.port().to_string();
-
-    // The port from the environment alone.
-    let args = client_args(None, &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let from_env = Proc::start_with_env("client", &args, &[("WEBSOCKET_TEST_PORT", &port)]);
-    from_env.wait_for(
-        &format!("[Connection 1] Connected to {}", server.url()),
-        PATIENCE,
-    );
-    server.wait_for_gauge(1);
-    drop(from_env);
-    server.wait_for_gauge(0);
-
-    // The flag beats a variable that points nowhere.
-    let dead = closed_port().to_string();
-    let args = client_args(Some(server.addr.port()), &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let flagged = Proc::start_with_env(
-        "client",
-        &args,
-        &[
-            ("WEBSOCKET_TEST_PORT", &dead),
-            ("WEBSOCKET_TEST_PING_INTERVAL", "10parsecs"),
-        ],
-    );
-    flagged.wait_for(
-        &format!("[Connection 1] Connected to {}", server.url()),
-        PATIENCE,
-    );
-    server.wait_for_gauge(1);
-    assert_eq!(
-        flagged.count("Connection failed"),
-        0,
-        "output:\n{}",
-        flagged.output()
-    );
-}
-
-#[test]
-fn a_refused_connection_is_reported_and_retried_after_the_delay() {
-    let client = start_client(closed_port(), &[]);
-    let first = client.wait_for("[Connection 1] Connection failed:", PATIENCE);
-    assert!(first.contains("Connection refused"), "{first}");
-    client.wait_for("[Connection 1] Reconnecting in 300ms", PATIENCE);
-    let second = client.wait_for_nth(
-        "[Connection 1] Connection failed:",
-        2,
-        Duration::from_secs(2),
-    );
-    let after = ms_between(&first, &second);
-    assert!(
-        after >= RECONNECT_DELAY_MS,
-        "retried {after} ms after the failure, before the 300ms delay"
-    );
-    assert!(
-        after < RECONNECT_DELAY_MS + 1000,
-        "retried only {after} ms after the failure"
-    );
-}
-
-#[test]
-fn a_signal_during_a_stalled_handshake_exits_promptly() {
-    // Accepts TCP but never answers the upgrade request.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (accepted, stalled) = std::sync::mpsc::channel();
-    thread::spawn(move || accepted.send(listener.accept().map(|(tcp, _)| tcp)));
-    let mut client = start_client(port, &["--connect-timeout", "30s"]);
-    let _stalled = stalled
-        .recv_timeout(PATIENCE)
-        .expect("the client connects")
-        .unwrap();
-    let (status, took) = stop(&mut client, "TERM");
-    assert_clean_exit(&client, status, took);
-    assert_eq!(
-        client.count("Connected to"),
-        0,
-        "output:\n{}",
-        client.output()
-    );
-}
-
-#[test]
-fn a_peer_that_stops_answering_during_shutdown_is_not_reported_lost() {
-    // Serves normally until `frozen`, then holds the socket without reading: neither pongs
-    // nor the Close reply come back.
-    let frozen = Arc::new(AtomicBool::new(false));
-    let server = TestServer::start({
-        let frozen = frozen.clone();
-        move |_, mut socket| {
-            socket
-                .get_mut()
-                .set_read_timeout(Some(Duration::from_millis(5)))
+    // The second connection accepted is closed with 1000 "bye"; every other one is served.
+    let peer = Peer::start(|conn, tcp| {
+        if let Some(mut ws) = conn.upgrade(tcp) {
+            if conn.n == 2 {
+                ws.close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "bye".into(),
+                }))
                 .unwrap();
-            while !frozen.load(Ordering::SeqCst) {
-                match socket.read() {
-                    Ok(_) => {}
-                    Err(tungstenite::Error::Io(e))
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(_) => return None,
-                }
             }
-            Some(socket)
+            conn.serve(ws, None);
         }
     });
-    let mut client = start_client(server.port, &[]);
-    client.wait_for("[Connection 1] Connection status: CONNECTED", PATIENCE);
-    frozen.store(true, Ordering::SeqCst);
-    let (status, took) = stop(&mut client, "TERM");
-    assert_clean_exit(&client, status, took);
-    assert_eq!(
-        client.count("Connection lost"),
-        0,
-        "a connection being closed at shutdown was reported lost; output:\n{}",
-        client.output()
+    let mut client = TestClient::start(peer.addr, &["--connections", "3"]);
+    wait_for(&client, "the closed connection is back", SOON, |s| {
+        s.get(Counter::Connects) == 4 && s.connections_up() == 3
+    });
+    let before = peer.wait(
+        "the peer sees the close and the new connection",
+        SOON,
+        |seen| seen.len() == 4 && seen[1].ended.is_some(),
     );
-    let output = client.output();
-    let after_shutdown = output
-        .lines()
-        .skip_while(|line| !line.contains("Shutting down"))
-        .skip(1);
-    let statuses: Vec<&str> = after_shutdown
-        .filter(|line| line.contains("Connection status"))
-        .collect();
-    assert!(
-        statuses.is_empty(),
-        "status reported after shutdown began: {statuses:#?}\noutput:\n{output}"
+    // The two untouched connections and the new one keep pinging.
+    let kept = [0, 2, 3];
+    let seen = peer.wait("two more pings on each connection left", SOON, |seen| {
+        kept.iter()
+            .all(|&i| seen[i].pings.len() >= before[i].pings.len() + 2)
+    });
+    for i in kept {
+        assert!(
+            seen[i].ended.is_none(),
+            "connection {}: {}",
+            i + 1,
+            report(&seen)
+        );
+    }
+    let stats = client.stats();
+    assert_eq!(stats.get(Counter::Losses), 1, "{}", describe(stats));
+    assert_eq!(endings(stats), [("peer_close", 1)], "{}", describe(stats));
+    // Four TCP connections from four ports: the victim came back on its own.
+    let ports: BTreeSet<u16> = seen.iter().map(|s| s.client.port()).collect();
+    assert_eq!(ports.len(), 4, "{}", report(&seen));
+
+    client.wait_stopped(STOP_LIMIT);
+    assert_eq!(
+        endings(client.stats()),
+        [("peer_close", 1), ("shutdown", 3)]
     );
 }
 
-/// Reads masked client frames from `tcp` until it ends; returns their opcodes.
-fn client_opcodes_until_eof(tcp: &mut TcpStream) -> Vec<u8> {
-    use std::io::Read;
-    let mut opcodes = Vec::new();
-    let mut header = [0u8; 2];
-    while tcp.read_exact(&mut header).is_ok() {
-        assert_eq!(header[1] & 0x80, 0x80, "client frames must be masked");
-        let len = usize::from(header[1] & 0x7f);
-        assert!(
-            len < 126,
-            "expected short control frames, header {header:?}"
+#[test]
+fn a_refused_connection_is_counted_and_retried_after_the_delay() {
+    let (_reserved, addr) = support::refusing_addr();
+    let started = Instant::now();
+    let mut client = TestClient::start(addr, &[]);
+    wait_for(&client, "the first attempt fails", SOON, |s| {
+        s.get(Counter::ConnectFailures) >= 1
+    });
+    for attempt in 2..=3u32 {
+        wait_for(
+            &client,
+            &format!("attempt {attempt} fails"),
+            reconnect_delay() + Duration::from_secs(2),
+            |s| s.get(Counter::ConnectFailures) >= u64::from(attempt),
         );
-        let mut rest = vec![0u8; 4 + len];
-        if tcp.read_exact(&mut rest).is_err() {
-            break;
-        }
-        opcodes.push(header[0] & 0x0f);
+        assert_not_before(
+            &format!("attempt {attempt}"),
+            started,
+            Instant::now(),
+            reconnect_delay() * (attempt - 1),
+        );
     }
-    opcodes
+
+    client.wait_stopped(STOP_LIMIT);
+    let stats = client.stats();
+    assert_eq!(stats.get(Counter::Connects), 0, "{}", describe(stats));
+    assert_eq!(stats.get(Counter::Losses), 0, "{}", describe(stats));
+    assert_eq!(endings(stats), [], "{}", describe(stats));
+}
+
+// ----------------------------------------------------------------------------------------
+// Shutting down
+// ----------------------------------------------------------------------------------------
+
+#[test]
+fn shutdown_closes_with_1000_and_returns_within_the_close_timeout() {
+    let server = TestServer::start(&[]);
+    let mut client = TestClient::start(server.addr, &[]);
+    wait_for(&client, "a pong", SOON, |s| s.get(Counter::Pongs) >= 1);
+    server.wait_settled(1);
+
+    client.wait_stopped(STOP_LIMIT);
+    server.wait_settled(0);
+    support::wait_until("the server counts a close with 1000", || {
+        server.closed("peer_close", "1000") == 1.0
+    });
+    let stats = client.stats();
+    assert_eq!(endings(stats), [("shutdown", 1)], "{}", describe(stats));
+    assert_eq!(stats.get(Counter::Losses), 0, "{}", describe(stats));
+}
+
+#[test]
+fn shutdown_during_the_reconnect_delay_returns_promptly() {
+    let (_reserved, addr) = support::refusing_addr();
+    let mut client = TestClient::start(addr, &["--reconnect-delay", "1h"]);
+    wait_for(&client, "the first attempt fails", SOON, |s| {
+        s.get(Counter::ConnectFailures) == 1
+    });
+    let took = client.wait_stopped(STOP_LIMIT);
+    // `run` waits up to the close timeout for connection threads and then leaves the
+    // unfinished ones behind; a thread woken from its delay ends long before that.
+    assert!(
+        took < CLOSE_TIMEOUT,
+        "stopped after {took:?}: the thread in its reconnect delay was not woken"
+    );
+    assert_eq!(client.stats().get(Counter::ConnectFailures), 1);
+}
+
+#[test]
+fn shutdown_during_a_stalled_handshake_returns_promptly() {
+    // Accepts TCP and never answers the upgrade request.
+    let peer = Peer::start(|_, _| {});
+    let mut client = TestClient::start(peer.addr, &["--connect-timeout", "1h"]);
+    peer.wait("the client's TCP connection arrives", SOON, |seen| {
+        seen.len() == 1
+    });
+    client.wait_stopped(STOP_LIMIT);
+    let stats = client.stats();
+    assert_eq!(stats.get(Counter::Connects), 0, "{}", describe(stats));
+    // The thread still in its handshake is abandoned; it ends when the peer drops the socket.
+}
+
+#[test]
+fn a_peer_that_stops_answering_during_shutdown_is_not_counted_lost() {
+    // Serves normally until frozen, then holds the socket without reading: neither pongs
+    // nor the Close reply come back. The long pong timeout keeps the freeze itself from
+    // ending the connection before shutdown.
+    let freeze = Arc::new(AtomicBool::new(false));
+    let peer = Peer::start({
+        let freeze = freeze.clone();
+        move |conn, tcp| {
+            if let Some(ws) = conn.upgrade(tcp) {
+                conn.serve(ws, Some(&freeze));
+            }
+        }
+    });
+    let mut client = TestClient::start(peer.addr, &["--pong-timeout", "10s"]);
+    wait_for(&client, "a pong", SOON, |s| s.get(Counter::Pongs) >= 1);
+    freeze.store(true, Ordering::SeqCst);
+    peer.wait("the peer stops reading", SOON, |seen| {
+        seen[0].deaf.is_some()
+    });
+
+    let took = client.wait_stopped(STOP_LIMIT);
+    // It did wait for the Close reply that never came.
+    assert!(took + SLACK >= CLOSE_TIMEOUT, "stopped after {took:?}");
+    let stats = client.stats();
+    assert_eq!(stats.get(Counter::Losses), 0, "{}", describe(stats));
+    assert_eq!(endings(stats), [("shutdown", 1)], "{}", describe(stats));
 }
 
 #[test]
 fn a_close_reply_is_never_followed_by_a_second_close_at_shutdown() {
-    // The server closes first and then keeps the TCP connection open, reading raw frames:
-    // the client answers the Close, and its shutdown must not send another one.
-    let (frames, seen) = std::sync::mpsc::channel();
-    let server = TestServer::start(move |_, mut socket| {
-        socket
-            .send(Message::Close(Some(CloseFrame {
+    // The peer closes first and keeps the TCP connection open, reading raw frames: the
+    // client answers the Close, and its shutdown must not send another one.
+    let peer = Peer::start(|conn, tcp| {
+        if let Some(mut ws) = conn.upgrade(tcp) {
+            ws.send(Message::Close(Some(CloseFrame {
                 code: CloseCode::Away,
                 reason: "going".into(),
             })))
             .unwrap();
-        let mut tcp = socket.into_inner();
-        tcp.set_read_timeout(Some(PATIENCE)).unwrap();
-        let _ = frames.send(client_opcodes_until_eof(&mut tcp));
-        None
+            conn.listen(ws.into_inner());
+        }
     });
-    let mut client = start_client(server.port, &["--reconnect-delay", "10s"]);
-    client.wait_for("[Connection 1] Connected to", PATIENCE);
-    let (status, took) = stop(&mut client, "TERM");
-    assert_clean_exit(&client, status, took);
-    let opcodes = seen
-        .recv_timeout(PATIENCE)
-        .expect("the server saw the client end");
-    let closes = opcodes.iter().filter(|&&op| op == 0x8).count();
-    assert!(
-        closes <= 1,
-        "the client sent {closes} Close frames: opcodes {opcodes:?}"
-    );
-}
-
-#[test]
-fn in_process_client_counts_pongs_and_closes_with_1000() {
-    use crate::harness::{TestClient, TestServer};
-    use websocket_test::client::Counter;
-    let server = TestServer::start(&[]);
-    let mut client = TestClient::start(server.addr, &[]);
-    client.wait("3 pongs", Duration::from_secs(5), |s| {
-        s.get(Counter::Pongs) >= 3
+    let mut client = TestClient::start(peer.addr, &["--reconnect-delay", "1h"]);
+    peer.wait("the client answers the Close", SOON, |seen| {
+        seen.len() == 1 && !seen[0].closes.is_empty()
     });
-    server.wait_settled(1);
-    let took = client.wait_stopped(Duration::from_secs(5));
-    assert!(took < Duration::from_secs(1), "{took:?}");
-    server.wait_settled(0);
-    assert_eq!(server.closed("peer_close", "1000"), 1.0);
-    assert_eq!(client.stats().get(Counter::Losses), 0);
-    assert_eq!(
-        client
-            .stats()
-            .ended(websocket_test::ending::Reason::Shutdown),
-        1
-    );
+    client.wait_stopped(STOP_LIMIT);
+    let seen = peer.wait("the connection ends", SOON, |seen| seen[0].ended.is_some());
+    assert_eq!(seen[0].closes.len(), 1, "{}", report(&seen));
+    assert_eq!(seen.len(), 1, "{}", report(&seen));
 }

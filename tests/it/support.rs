@@ -266,6 +266,18 @@ pub fn local_addr(ws: &Ws) -> SocketAddr {
     tcp.local_addr().unwrap()
 }
 
+/// A loopback address that refuses connections: a socket bound to it that never listens,
+/// so the port stays reserved (no other test can take it) while the socket lives.
+pub fn refusing_addr() -> (socket2::Socket, SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (socket, addr)
+}
+
 /// `n` bytes of valid UTF-8 mixing 1- to 4-byte characters (period 104 characters, so
 /// not aligned with any power-of-two buffer size).
 pub fn text_payload(n: usize) -> String {
