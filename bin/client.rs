@@ -1,5 +1,8 @@
 //! `client`: holds WebSocket connections to the server. See `client --help`.
 
+#[path = "common.rs"]
+mod common;
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -8,9 +11,9 @@ use websocket_test::{client, shutdown, ClientConfig};
 
 fn main() -> ExitCode {
     let config = ClientConfig::parse();
-    init_logger(config.log_level);
+    common::init_logger(config.log_level);
     let (trigger, shutdown) = shutdown::channel();
-    if let Err(error) = on_signal(trigger) {
+    if let Err(error) = common::on_signal(trigger) {
         error!("cannot install the signal handler: {error}");
         return ExitCode::FAILURE;
     }
@@ -22,5 +25,3 @@ fn main() -> ExitCode {
         }
     }
 }
-
-include!("common.rs");

@@ -89,8 +89,8 @@ pub struct ServerConfig {
     #[arg(long, env = "WEBSOCKET_TEST_IDLE_TIMEOUT", value_parser = parse_interval)]
     pub idle_timeout: Option<Duration>,
 
-    /// Log level: error, warn, info, debug or trace
-    #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info")]
+    /// Log level: off, error, warn, info, debug or trace
+    #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: LevelFilter,
 }
 
@@ -179,8 +179,8 @@ pub struct ClientConfig {
     #[arg(long, env = "WEBSOCKET_TEST_DURATION", value_parser = parse_interval)]
     pub duration: Option<Duration>,
 
-    /// Log level: error, warn, info, debug or trace
-    #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info")]
+    /// Log level: off, error, warn, info, debug or trace
+    #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: LevelFilter,
 }
 
@@ -292,6 +292,13 @@ fn parse_message_size(text: &str) -> Result<usize, String> {
     }
 }
 
+/// A log level, in any case: `off`, `error`, `warn`, `info`, `debug` or `trace`.
+fn parse_log_level(text: &str) -> Result<LevelFilter, String> {
+    text.parse().map_err(|_| {
+        format!("invalid log level {text:?}: use off, error, warn, info, debug or trace")
+    })
+}
+
 /// Accepts an absolute request path such as `/ws`.
 fn parse_path(text: &str) -> Result<String, String> {
     if text.starts_with('/') && !text.contains(char::is_whitespace) && !text.contains(['?', '#']) {
@@ -338,6 +345,17 @@ mod tests {
         for bad in ["", "0", "MiB", "1TiB", "-5", "1.5MiB"] {
             assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn log_levels() {
+        assert_eq!(parse_log_level("debug"), Ok(LevelFilter::Debug));
+        assert_eq!(parse_log_level("WARN"), Ok(LevelFilter::Warn));
+        assert_eq!(parse_log_level("off"), Ok(LevelFilter::Off));
+        assert_eq!(
+            parse_log_level("verbose"),
+            Err("invalid log level \"verbose\": use off, error, warn, info, debug or trace".into())
+        );
     }
 
     #[test]

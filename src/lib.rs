@@ -15,6 +15,7 @@
 //! - [`client`]: connection threads: connect, ping, status, reconnect.
 //! - [`stream`]: the socket shared between a connection's thread and shutdown.
 //! - [`metrics`]: the Prometheus registry and its HTTP thread.
+//! - [`logger`]: the binaries' stdout logger (a failed write drops the line, never panics).
 //! - [`shutdown`], [`net`], [`error`]: signalling, socket set-up, errors.
 //!
 //! Invariants: `websocket_connections` equals the number of entries in the server's
@@ -24,6 +25,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod logger;
 pub mod metrics;
 pub mod net;
 pub mod server;
