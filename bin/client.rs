@@ -5,12 +5,11 @@ mod common;
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use log::error;
-use websocket_test::{client, shutdown, ClientConfig};
+use websocket_test::{client, config, shutdown, ClientConfig};
 
 fn main() -> ExitCode {
-    let config = ClientConfig::parse();
+    let config: ClientConfig = config::parse_or_exit();
     common::init_logger(config.log_level);
     let (trigger, shutdown) = shutdown::channel();
     if let Err(error) = common::on_signal(trigger) {

@@ -5,12 +5,11 @@ mod common;
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use log::error;
-use websocket_test::{shutdown, Server, ServerConfig};
+use websocket_test::{config, shutdown, Server, ServerConfig};
 
 fn main() -> ExitCode {
-    let config = ServerConfig::parse();
+    let config: ServerConfig = config::parse_or_exit();
     common::init_logger(config.log_level);
     let (trigger, shutdown) = shutdown::channel();
     if let Err(error) = common::on_signal(trigger) {
