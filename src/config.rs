@@ -21,6 +21,8 @@ pub const DEFAULT_METRICS_PORT: u16 = 9100;
 pub const DEFAULT_PATH: &str = "/ws";
 /// Largest message (and frame) the server accepts; Autobahn's 9.* cases send 16 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
+/// Smallest `--message-size`: a load message's header (connection id, sequence, checksum).
+pub const MIN_MESSAGE_SIZE: usize = 16;
 /// Longest duration accepted, about 584 million years: an `Instant` plus this cannot overflow.
 pub const MAX_DURATION: Duration = Duration::from_millis(u64::MAX);
 
@@ -192,16 +194,6 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// The load each connection generates, if load mode is on.
-    pub fn load(&self) -> Option<crate::client::load::LoadConfig> {
-        self.message_size
-            .map(|message_size| crate::client::load::LoadConfig {
-                message_size,
-                interval: self.message_interval,
-                messages_per_connection: self.messages_per_connection.unwrap_or(0),
-            })
-    }
-
     /// The URL the client connects to, e.g. `ws://localhost:3003/ws` or `ws://[::1]:3003/ws`.
     pub fn url(&self) -> String {
         format!("ws://{}{}", self.host_port(), self.path)
@@ -303,11 +295,11 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
     }
 }
 
-/// A load message size: a size of at least the 16-byte header.
+/// A load message size: a size of at least [`MIN_MESSAGE_SIZE`], the header.
 fn parse_message_size(text: &str) -> Result<usize, String> {
     match parse_size(text)? {
-        size if size < crate::client::load::HEADER_SIZE => Err(format!(
-            "invalid message size {text:?}: load messages need at least 16 bytes"
+        size if size < MIN_MESSAGE_SIZE => Err(format!(
+            "invalid message size {text:?}: load messages need at least {MIN_MESSAGE_SIZE} bytes"
         )),
         size => Ok(size),
     }
@@ -537,6 +529,12 @@ mod tests {
             parse_log_level("verbose"),
             Err("invalid log level \"verbose\": use off, error, warn, info, debug or trace".into())
         );
+    }
+
+    #[test]
+    fn message_sizes() {
+        assert_eq!(parse_message_size("16"), Ok(MIN_MESSAGE_SIZE));
+        assert!(parse_message_size("15").is_err());
     }
 
     /// A bad `--port` as clap reports it, run through [`name_env_source`] with `args` on the

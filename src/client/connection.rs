@@ -12,7 +12,7 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
 use super::handshake;
-use super::load::{Counter, Generator, LoadStats};
+use super::load::{Counter, Generator, LoadConfig, LoadStats};
 use super::{Slot, CLOSE_TIMEOUT};
 use crate::config::ClientConfig;
 use crate::net;
@@ -109,7 +109,7 @@ fn connect(config: &ClientConfig) -> Result<(WebSocket<WsStream>, Arc<SharedStre
     let leftover = handshake::upgrade(&tcp, &config.host_port(), &config.path, deadline)?;
     let stream = SharedStream::new(tcp);
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(if config.load().is_some() {
+        .read_buffer_size(if LoadConfig::from_config(config).is_some() {
             LOAD_READ_BUFFER_SIZE
         } else {
             READ_BUFFER_SIZE
@@ -164,7 +164,7 @@ impl Session<'_> {
         let mut next_status = start + config.status_interval;
         let mut pong_due: Option<Instant> = None;
         let mut pings_sent: u64 = 0;
-        let mut load = config.load().map(|load| Generator::new(load, index));
+        let mut load = LoadConfig::from_config(config).map(|load| Generator::new(load, index));
         let mut next_send = load.as_ref().map(|_| start);
         // Set once a close handshake is under way: by us (shutdown, or load finished) or by
         // the server.

@@ -12,9 +12,13 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use tungstenite::Bytes;
 
+use crate::config::ClientConfig;
+
 /// Bytes of the header every load message starts with: connection id (4), sequence
 /// number (8), checksum of those two (4).
 pub const HEADER_SIZE: usize = 16;
+// The config module checks --message-size against its own copy of the header size.
+const _: () = assert!(HEADER_SIZE == crate::config::MIN_MESSAGE_SIZE);
 /// How often a connection thread folds its counters into the shared ones.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Round trips above this are recorded as this (microseconds).
@@ -29,6 +33,17 @@ pub struct LoadConfig {
     pub interval: Duration,
     /// Close normally and reconnect at once after this many echoes (0: never).
     pub messages_per_connection: u64,
+}
+
+impl LoadConfig {
+    /// The load each connection generates, if load mode is on (`--message-size` given).
+    pub fn from_config(config: &ClientConfig) -> Option<LoadConfig> {
+        config.message_size.map(|message_size| LoadConfig {
+            message_size,
+            interval: config.message_interval,
+            messages_per_connection: config.messages_per_connection.unwrap_or(0),
+        })
+    }
 }
 
 /// Counters shared by all connections of the process.
