@@ -2,5 +2,6 @@
 
 mod client;
 mod hostile;
+mod process;
 mod server;
 mod support;
