@@ -1,16 +1,18 @@
 //! `client`: holds WebSocket connections to the server. See `client --help`.
 
+#[path = "common.rs"]
+mod common;
+
 use std::process::ExitCode;
 
-use clap::Parser;
 use log::error;
-use websocket_test::{client, shutdown, ClientConfig};
+use websocket_test::{client, config, shutdown, ClientConfig};
 
 fn main() -> ExitCode {
-    let config = ClientConfig::parse();
-    init_logger(config.log_level);
+    let config: ClientConfig = config::parse_or_exit();
+    common::init_logger(config.log_level);
     let (trigger, shutdown) = shutdown::channel();
-    if let Err(error) = on_signal(trigger) {
+    if let Err(error) = common::on_signal(trigger) {
         error!("cannot install the signal handler: {error}");
         return ExitCode::FAILURE;
     }
@@ -22,5 +24,3 @@ fn main() -> ExitCode {
         }
     }
 }
-
-include!("common.rs");

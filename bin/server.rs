@@ -1,16 +1,18 @@
 //! `server`: the WebSocket echo server. See `server --help`.
 
+#[path = "common.rs"]
+mod common;
+
 use std::process::ExitCode;
 
-use clap::Parser;
 use log::error;
-use websocket_test::{shutdown, Server, ServerConfig};
+use websocket_test::{config, shutdown, Server, ServerConfig};
 
 fn main() -> ExitCode {
-    let config = ServerConfig::parse();
-    init_logger(config.log_level);
+    let config: ServerConfig = config::parse_or_exit();
+    common::init_logger(config.log_level);
     let (trigger, shutdown) = shutdown::channel();
-    if let Err(error) = on_signal(trigger) {
+    if let Err(error) = common::on_signal(trigger) {
         error!("cannot install the signal handler: {error}");
         return ExitCode::FAILURE;
     }
@@ -23,5 +25,3 @@ fn main() -> ExitCode {
         }
     }
 }
-
-include!("common.rs");

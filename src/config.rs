@@ -1,13 +1,16 @@
 //! Command-line and environment configuration of the server and the client.
 //!
 //! Every flag has an environment-variable twin (`WEBSOCKET_TEST_*`); a flag wins over its
-//! variable. Durations are written `200ms`, `15s`, `5m` or `1h` (a bare number means seconds);
-//! sizes are bytes, optionally with a `KiB`/`MiB`/`GiB` (or `K`/`M`/`G`) suffix.
+//! variable. Durations are written as in Go, `250ms`, `15s`, `1m30s`, `1.5s`, `2h` (a bare
+//! number means seconds); sizes are bytes, optionally with a `KiB`/`MiB`/`GiB` (or
+//! `K`/`M`/`G`) suffix. [`parse_or_exit`] reads both and names the variable a bad value came
+//! from.
 
-use std::net::IpAddr;
+use std::ffi::OsString;
+use std::net::{IpAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Command, Parser};
 use log::LevelFilter;
 
 /// Port the server accepts WebSocket upgrades on.
@@ -18,6 +21,10 @@ pub const DEFAULT_METRICS_PORT: u16 = 9100;
 pub const DEFAULT_PATH: &str = "/ws";
 /// Largest message (and frame) the server accepts; Autobahn's 9.* cases send 16 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
+/// Smallest `--message-size`: a load message's header (connection id, sequence, checksum).
+pub const MIN_MESSAGE_SIZE: usize = 16;
+/// Longest duration accepted, about 584 million years: an `Instant` plus this cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_millis(u64::MAX);
 
 /// Configuration of the `server` binary.
 #[derive(Debug, Clone, Parser)]
@@ -27,11 +34,13 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
     about = "WebSocket echo server with Prometheus metrics",
     long_about = "WebSocket echo server with Prometheus metrics.\n\n\
                   Accepts WebSocket upgrades on ws://HOST:PORT/ws and echoes every message; \
-                  serves /metrics on the metrics port. Durations take ms, s, m or h suffixes."
+                  serves /metrics on the metrics port. Durations are written like 15s, 1m30s, \
+                  1.5s or 250ms; a bare number is seconds."
 )]
 pub struct ServerConfig {
-    /// Address to listen on (IPv4 or IPv6, e.g. 0.0.0.0 or ::)
-    #[arg(long, env = "WEBSOCKET_TEST_HOST", default_value = "0.0.0.0")]
+    /// Address to listen on (IPv4 or IPv6, e.g. 0.0.0.0 or ::), or a host name whose first
+    /// address is used (e.g. localhost)
+    #[arg(long, env = "WEBSOCKET_TEST_HOST", default_value = "0.0.0.0", value_parser = parse_host)]
     pub host: IpAddr,
 
     /// WebSocket port (0 picks a free port)
@@ -77,7 +86,7 @@ pub struct ServerConfig {
 
     /// Most connections held at once; beyond it new ones get 503 [default: what the OS
     /// limits allow, computed at start-up and logged]
-    #[arg(long, env = "WEBSOCKET_TEST_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "WEBSOCKET_TEST_MAX_CONNECTIONS", value_parser = parse_max_connections)]
     pub max_connections: Option<u64>,
 
     /// Send each client a ping this often [default: off]
@@ -89,8 +98,8 @@ pub struct ServerConfig {
     #[arg(long, env = "WEBSOCKET_TEST_IDLE_TIMEOUT", value_parser = parse_interval)]
     pub idle_timeout: Option<Duration>,
 
-    /// Log level: error, warn, info, debug or trace
-    #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info")]
+    /// Log level: off, error, warn, info, debug or trace
+    #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: LevelFilter,
 }
 
@@ -111,7 +120,7 @@ impl ServerConfig {
     long_about = "Holds one or more WebSocket connections to a server unattended: pings every \
                   --ping-interval, declares a connection dead when no pong arrives within \
                   --pong-timeout, and reconnects --reconnect-delay after any loss. \
-                  Durations take ms, s, m or h suffixes."
+                  Durations are written like 15s, 1m30s, 1.5s or 250ms; a bare number is seconds."
 )]
 pub struct ClientConfig {
     /// Server host name or IP address
@@ -179,22 +188,12 @@ pub struct ClientConfig {
     #[arg(long, env = "WEBSOCKET_TEST_DURATION", value_parser = parse_interval)]
     pub duration: Option<Duration>,
 
-    /// Log level: error, warn, info, debug or trace
-    #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info")]
+    /// Log level: off, error, warn, info, debug or trace
+    #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: LevelFilter,
 }
 
 impl ClientConfig {
-    /// The load each connection generates, if load mode is on.
-    pub fn load(&self) -> Option<crate::client::load::LoadConfig> {
-        self.message_size
-            .map(|message_size| crate::client::load::LoadConfig {
-                message_size,
-                interval: self.message_interval,
-                messages_per_connection: self.messages_per_connection.unwrap_or(0),
-            })
-    }
-
     /// The URL the client connects to, e.g. `ws://localhost:3003/ws` or `ws://[::1]:3003/ws`.
     pub fn url(&self) -> String {
         format!("ws://{}{}", self.host_port(), self.path)
@@ -210,36 +209,50 @@ impl ClientConfig {
     }
 }
 
-/// Parses `200ms`, `15s`, `5m`, `1h` or a bare number of seconds.
+/// Parses a duration as Go writes them, `250ms`, `15s`, `1m30s`, `1.5s`, `2h`, `300us`
+/// (also `ns`, `d` and the longer names `sec`, `min`, `hours`), or a bare number of seconds
+/// (`15`, `0.5`), up to [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    if number.is_empty() {
-        return Err(format!(
-            "invalid duration {text:?}: expected a number such as 15s or 200ms"
+    let invalid = |why: String| format!("invalid duration {text:?}: {why}");
+    // humantime reads `M` as months; someone who types it almost surely means minutes.
+    if text.contains('M') {
+        return Err(invalid(
+            "unknown unit \"M\" (use m for minutes, d for days)".into(),
         ));
     }
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
-    let millis_per_unit = match unit.trim() {
-        "ms" => 1,
-        "" | "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        other => {
-            return Err(format!(
-                "invalid duration {text:?}: unknown unit {other:?} (use ms, s, m or h)"
-            ))
-        }
+    let bare_number = !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == '.');
+    let with_unit;
+    let text_with_unit = if bare_number {
+        with_unit = format!("{text}s");
+        &with_unit
+    } else {
+        text
     };
-    value
-        .checked_mul(millis_per_unit)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("invalid duration {text:?}: too large"))
+    let duration = humantime::parse_duration(text_with_unit)
+        .map_err(|error| invalid(explain_duration_error(text_with_unit, error)))?;
+    if duration > MAX_DURATION {
+        return Err(invalid("too large".into()));
+    }
+    Ok(duration)
+}
+
+/// What is wrong with `text`, in words that suggest the fix.
+fn explain_duration_error(text: &str, error: humantime::DurationError) -> String {
+    use humantime::DurationError as E;
+    const UNITS: &str = "use ns, us, ms, s, m, h or d, e.g. 1m30s";
+    match error {
+        E::Empty | E::NumberExpected(_) => "expected a number such as 15s, 1.5s or 250ms".into(),
+        E::InvalidCharacter(at) => match text.get(at..).and_then(|rest| rest.chars().next()) {
+            Some(c) => format!("unexpected {c:?} (write e.g. 1.5s or 1m30s)"),
+            None => "incomplete number (write e.g. 1.5s or 1m30s)".into(),
+        },
+        E::UnknownUnit { unit, value, .. } if unit.is_empty() => {
+            format!("no unit after {value} ({UNITS})")
+        }
+        E::UnknownUnit { unit, .. } => format!("unknown unit {unit:?} ({UNITS})"),
+        E::NumberOverflow => "too large, or finer than a nanosecond".into(),
+    }
 }
 
 /// Parses a duration that must be greater than zero (an interval or a timeout).
@@ -282,14 +295,50 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
     }
 }
 
-/// A load message size: a size of at least the 16-byte header.
+/// A load message size: a size of at least [`MIN_MESSAGE_SIZE`], the header.
 fn parse_message_size(text: &str) -> Result<usize, String> {
     match parse_size(text)? {
-        size if size < crate::client::load::HEADER_SIZE => Err(format!(
-            "invalid message size {text:?}: load messages need at least 16 bytes"
+        size if size < MIN_MESSAGE_SIZE => Err(format!(
+            "invalid message size {text:?}: load messages need at least {MIN_MESSAGE_SIZE} bytes"
         )),
         size => Ok(size),
     }
+}
+
+/// An IP address (`0.0.0.0`, `::`, `[::1]`), or a host name resolved to its first address.
+fn parse_host(text: &str) -> Result<IpAddr, String> {
+    let unbracketed = text
+        .strip_prefix('[')
+        .and_then(|inner| inner.strip_suffix(']'))
+        .unwrap_or(text);
+    if let Ok(address) = unbracketed.parse() {
+        return Ok(address);
+    }
+    match (unbracketed, 0).to_socket_addrs() {
+        Ok(mut addresses) => addresses
+            .next()
+            .map(|address| address.ip())
+            .ok_or_else(|| format!("cannot resolve host {text:?}: it has no address")),
+        Err(error) => Err(format!("cannot resolve host {text:?}: {error}")),
+    }
+}
+
+/// A connection ceiling: a whole number of at least 1.
+fn parse_max_connections(text: &str) -> Result<u64, String> {
+    match text.parse() {
+        Ok(0) => Err("must be at least 1; omit the flag to use the OS ceiling".into()),
+        Ok(limit) => Ok(limit),
+        Err(_) => Err(format!(
+            "invalid number {text:?}: expected a whole number of connections such as 10000"
+        )),
+    }
+}
+
+/// A log level, in any case: `off`, `error`, `warn`, `info`, `debug` or `trace`.
+fn parse_log_level(text: &str) -> Result<LevelFilter, String> {
+    text.parse().map_err(|_| {
+        format!("invalid log level {text:?}: use off, error, warn, info, debug or trace")
+    })
 }
 
 /// Accepts an absolute request path such as `/ws`.
@@ -303,30 +352,137 @@ fn parse_path(text: &str) -> Result<String, String> {
     }
 }
 
+/// Parses the command line and the environment into `T`, or prints the error and exits as
+/// [`Parser::parse`] does (2 for a bad value; 0 after `--help` or `--version`). An error
+/// about a value from an environment variable names the variable, as a value the user never
+/// typed on the command line is otherwise hard to trace.
+pub fn parse_or_exit<T: Parser>() -> T {
+    T::try_parse().unwrap_or_else(|error| {
+        let args: Vec<OsString> = std::env::args_os().collect();
+        let error = name_env_source(error, &T::command(), &args, |name| {
+            std::env::var_os(name).is_some()
+        });
+        error.exit()
+    })
+}
+
+/// `error`, reworded to name the environment variable when it reports a bad value of a flag
+/// that is absent from `args` but whose variable is set (`env_is_set`).
+fn name_env_source(
+    error: clap::Error,
+    command: &Command,
+    args: &[OsString],
+    env_is_set: impl Fn(&str) -> bool,
+) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use std::error::Error as _;
+
+    if error.kind() != ErrorKind::ValueValidation {
+        return error;
+    }
+    let (Some(ContextValue::String(shown)), Some(ContextValue::String(value)), Some(cause)) = (
+        error.get(ContextKind::InvalidArg),
+        error.get(ContextKind::InvalidValue),
+        error.source(),
+    ) else {
+        return error;
+    };
+    // `shown` is how clap names the argument, e.g. `--port <PORT>`.
+    let flag = shown.split(' ').next().unwrap_or_default();
+    let Some(env) = command
+        .get_arguments()
+        .find(|arg| {
+            arg.get_long()
+                .is_some_and(|long| flag == format!("--{long}"))
+        })
+        .and_then(|arg| arg.get_env())
+        .and_then(|env| env.to_str())
+    else {
+        return error;
+    };
+    let on_command_line = args.iter().skip(1).any(|arg| {
+        arg.to_str().is_some_and(|arg| {
+            arg.strip_prefix(flag)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+        })
+    });
+    if on_command_line || !env_is_set(env) {
+        return error;
+    }
+    let message =
+        format!("invalid value '{value}' for '{shown}' (from environment variable {env}): {cause}");
+    command.clone().error(ErrorKind::ValueValidation, message)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("200ms"), Ok(Duration::from_millis(200)));
-        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        let ms = Duration::from_millis;
+        assert_eq!(parse_duration("200ms"), Ok(ms(200)));
+        assert_eq!(parse_duration("15s"), Ok(ms(15_000)));
+        assert_eq!(parse_duration("15"), Ok(ms(15_000)));
+        assert_eq!(parse_duration(" 15s "), Ok(ms(15_000)));
+        assert_eq!(parse_duration("2m"), Ok(ms(120_000)));
+        assert_eq!(parse_duration("1h"), Ok(ms(3_600_000)));
+        assert_eq!(parse_duration("2h"), Ok(ms(7_200_000)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1m30s"), Ok(ms(90_000)));
+        assert_eq!(parse_duration("1h2m3s4ms"), Ok(ms(3_723_004)));
+        assert_eq!(parse_duration("1.5s"), Ok(ms(1_500)));
+        assert_eq!(parse_duration("1.5"), Ok(ms(1_500)));
+        assert_eq!(parse_duration("0.25h"), Ok(ms(900_000)));
+        assert_eq!(parse_duration("250ms"), Ok(ms(250)));
+        assert_eq!(parse_duration("300us"), Ok(Duration::from_micros(300)));
+        assert_eq!(parse_duration("300µs"), Ok(Duration::from_micros(300)));
+        assert_eq!(parse_duration("10ns"), Ok(Duration::from_nanos(10)));
+        assert_eq!(parse_duration("2d"), Ok(ms(172_800_000)));
+        assert_eq!(
+            parse_duration("5000000000000h"),
+            Ok(Duration::from_secs(18_000_000_000_000_000))
+        );
         for bad in [
             "",
+            " ",
             "s",
+            ".",
+            "1.",
+            ".5s",
+            "1.2.3s",
             "-1s",
-            "1.5s",
+            "+1s",
+            "1m30",
+            "5M",
+            "15S",
             "10 parsecs",
+            "0.5ns",
             "99999999999999999999s",
             "18446744073709551615h",
+            "18446744073709551616ms",
+            "5200000000000h",
         ] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+            match parse_duration(bad) {
+                Err(message) => assert!(message.starts_with("invalid duration"), "{message}"),
+                Ok(duration) => panic!("{bad:?} should be rejected, got {duration:?}"),
+            }
         }
-        assert!(parse_interval("0ms").is_err());
+        assert_eq!(
+            parse_interval("0ms"),
+            Err("invalid duration \"0ms\": must be greater than zero".into())
+        );
+        assert_eq!(parse_interval("1.5s"), Ok(ms(1_500)));
+    }
+
+    #[test]
+    fn duration_errors_name_the_problem() {
+        let error = |text| parse_duration(text).unwrap_err();
+        assert!(error("5parsecs").contains("unknown unit \"parsecs\""));
+        assert!(error("1m30").contains("no unit after 30"));
+        assert!(error("5M").contains("m for minutes"));
+        assert!(error("").contains("expected a number"));
     }
 
     #[test]
@@ -337,6 +493,85 @@ mod tests {
         assert_eq!(parse_size("1G"), Ok(1 << 30));
         for bad in ["", "0", "MiB", "1TiB", "-5", "1.5MiB"] {
             assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(parse_host("0.0.0.0"), Ok(IpAddr::from([0, 0, 0, 0])));
+        assert_eq!(parse_host("::1"), Ok("::1".parse().unwrap()));
+        assert_eq!(parse_host("[::1]"), Ok("::1".parse().unwrap()));
+        let localhost = parse_host("localhost").expect("localhost resolves");
+        assert!(localhost.is_loopback(), "{localhost}");
+        // A label longer than DNS allows (63 bytes): refused without asking a name server.
+        let unresolvable = format!("{}.invalid", "x".repeat(64));
+        let error = parse_host(&unresolvable).unwrap_err();
+        assert!(
+            error.starts_with(&format!("cannot resolve host \"{unresolvable}\": ")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn max_connections() {
+        assert_eq!(parse_max_connections("1"), Ok(1));
+        assert_eq!(
+            parse_max_connections("0"),
+            Err("must be at least 1; omit the flag to use the OS ceiling".into())
+        );
+        assert!(parse_max_connections("many").is_err());
+    }
+
+    #[test]
+    fn log_levels() {
+        assert_eq!(parse_log_level("debug"), Ok(LevelFilter::Debug));
+        assert_eq!(parse_log_level("WARN"), Ok(LevelFilter::Warn));
+        assert_eq!(parse_log_level("off"), Ok(LevelFilter::Off));
+        assert_eq!(
+            parse_log_level("verbose"),
+            Err("invalid log level \"verbose\": use off, error, warn, info, debug or trace".into())
+        );
+    }
+
+    #[test]
+    fn message_sizes() {
+        assert_eq!(parse_message_size("16"), Ok(MIN_MESSAGE_SIZE));
+        assert!(parse_message_size("15").is_err());
+    }
+
+    /// A bad `--port` as clap reports it, run through [`name_env_source`] with `args` on the
+    /// command line and `WEBSOCKET_TEST_PORT` set or not.
+    fn port_error(args: &[&str], env_set: bool) -> String {
+        use clap::CommandFactory;
+        let error = ServerConfig::try_parse_from(["server", "--port", "notaport"]).unwrap_err();
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        let error = name_env_source(error, &ServerConfig::command(), &args, |name| {
+            env_set && name == "WEBSOCKET_TEST_PORT"
+        });
+        assert_eq!(error.exit_code(), 2);
+        error.render().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_environment_variable_a_value_came_from() {
+        let from_env = port_error(&["server"], true);
+        assert!(
+            from_env.starts_with(
+                "error: invalid value 'notaport' for '--port <PORT>' \
+                 (from environment variable WEBSOCKET_TEST_PORT): invalid digit"
+            ),
+            "{from_env}"
+        );
+        for (args, env_set) in [
+            (&["server", "--port", "notaport"][..], true),
+            (&["server", "--port=notaport"][..], true),
+            (&["server"][..], false),
+        ] {
+            let message = port_error(args, env_set);
+            assert!(
+                message.starts_with("error: invalid value 'notaport' for '--port <PORT>': "),
+                "{args:?}: {message}"
+            );
         }
     }
 
@@ -371,9 +606,26 @@ mod properties {
 
     proptest! {
         #[test]
-        fn durations_round_trip(value in 0u64..1_000_000, unit in prop_oneof!["ms", "s", "m", "h", ""]) {
-            let millis = match unit.as_str() { "ms" => value, "m" => value * 60_000, "h" => value * 3_600_000, _ => value * 1000 };
-            prop_assert_eq!(parse_duration(&format!("{value}{unit}")), Ok(Duration::from_millis(millis)));
+        fn durations_round_trip(value in 0u64..1_000_000, unit in prop_oneof!["us", "ms", "s", "m", "h", ""]) {
+            let micros = match unit.as_str() {
+                "us" => value,
+                "ms" => value * 1_000,
+                "m" => value * 60_000_000,
+                "h" => value * 3_600_000_000,
+                _ => value * 1_000_000,
+            };
+            prop_assert_eq!(parse_duration(&format!("{value}{unit}")), Ok(Duration::from_micros(micros)));
+        }
+
+        #[test]
+        fn go_style_compound_and_fractional_durations(
+            h in 0u64..100, m in 0u64..60, s in 0u64..60, millis in 0u64..1000,
+        ) {
+            let expected = Duration::from_millis(((h * 60 + m) * 60 + s) * 1000 + millis);
+            prop_assert_eq!(parse_duration(&format!("{h}h{m}m{s}s{millis}ms")), Ok(expected));
+            let seconds = Duration::from_millis(s * 1000 + millis);
+            prop_assert_eq!(parse_duration(&format!("{s}.{millis:03}s")), Ok(seconds));
+            prop_assert_eq!(parse_duration(&format!("{s}.{millis:03}")), Ok(seconds));
         }
 
         #[test]

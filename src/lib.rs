@@ -16,6 +16,7 @@
 //! - [`stream`]: the socket shared between a connection's thread and shutdown.
 //! - [`metrics`]: the Prometheus registry and the routes of the metrics port.
 //! - [`http`]: the metrics port's HTTP endpoint: bounded, named threads, a deadline per request.
+//! - [`logger`]: the binaries' stdout logger (a failed write drops the line, never panics).
 //! - [`shutdown`], [`net`], [`error`]: signalling, socket set-up, errors.
 //!
 //! Invariants: `websocket_connections` equals the number of entries in the server's
@@ -28,6 +29,7 @@ pub mod ending;
 pub mod error;
 mod frame;
 pub mod http;
+pub mod logger;
 pub mod metrics;
 pub mod net;
 pub mod server;

@@ -28,6 +28,11 @@ pub struct Metrics {
     /// `websocket_connections_closed_total{reason,code}`: ended connections by
     /// [`Reason`](crate::ending::Reason) label and Close code (`none` without one).
     pub connections_closed: IntCounterVec,
+    /// `log_lines_dropped_total`: log lines the logger could not write (a closed pipe, a
+    /// full disk), read from [`logger::dropped_lines`](crate::logger::dropped_lines).
+    log_lines_dropped: IntCounter,
+    /// Held while `log_lines_dropped` catches up, so two scrapes cannot both add the news.
+    log_sync: Arc<std::sync::Mutex<()>>,
 }
 
 impl Metrics {
@@ -61,6 +66,10 @@ impl Metrics {
             "websocket_connections_rejected_total",
             "Connections refused with 503: at the connection ceiling or without a thread",
         );
+        let log_lines_dropped = counter(
+            "log_lines_dropped_total",
+            "Log lines dropped because stdout could not take them (closed pipe, full disk)",
+        );
         let connections_closed = IntCounterVec::new(
             Opts::new(
                 "websocket_connections_closed_total",
@@ -85,12 +94,23 @@ impl Metrics {
             handshake_failures,
             connections_rejected,
             connections_closed,
+            log_lines_dropped,
+            log_sync: Arc::default(),
         }
     }
 
     /// The metrics in the Prometheus text exposition format. Fails when a collector
     /// yields a metric family the encoder refuses (one without a name, say).
     pub fn render(&self) -> prometheus::Result<Vec<u8>> {
+        {
+            let _sync = self
+                .log_sync
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let dropped = crate::logger::dropped_lines();
+            self.log_lines_dropped
+                .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
+        }
         let mut out = Vec::with_capacity(4096);
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(out)

@@ -15,6 +15,8 @@ use crate::config::ClientConfig;
 /// Bytes of the header every load message starts with: connection id (4), sequence
 /// number (8), checksum of those two (4).
 pub const HEADER_SIZE: usize = 16;
+// The config module checks --message-size against its own copy of the header size.
+const _: () = assert!(HEADER_SIZE == crate::config::MIN_MESSAGE_SIZE);
 /// How often a connection thread folds its counters into the shared ones.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 

@@ -10,5 +10,6 @@ mod client_process;
 mod harness;
 mod hostile;
 mod metrics_http;
+mod process;
 mod server;
 mod support;
