@@ -648,17 +648,21 @@ mod corpus {
     #[test]
     fn fuzz_corpus_regressions() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/config");
+        let mut replayed = 0;
         for entry in std::fs::read_dir(dir).expect("the corpus is in the repository") {
             let data = std::fs::read(entry.unwrap().path()).unwrap();
             let Ok(text) = std::str::from_utf8(&data) else {
                 continue;
             };
             if let Err(message) = parse_duration(text) {
-                assert!(message.starts_with("invalid duration"));
+                assert!(message.starts_with("invalid duration"), "{text:?}: {message}");
             }
             if let Err(message) = parse_size(text) {
-                assert!(message.starts_with("invalid size"));
+                assert!(message.starts_with("invalid size"), "{text:?}: {message}");
             }
+            replayed += 1;
         }
+        // An empty or missing corpus must not pass silently (it holds 100+ inputs).
+        assert!(replayed >= 50, "only {replayed} corpus inputs replayed");
     }
 }
