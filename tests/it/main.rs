@@ -4,4 +4,5 @@ mod client;
 mod harness;
 mod hostile;
 mod server;
+mod server_process;
 mod support;
