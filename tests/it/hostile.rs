@@ -1,12 +1,14 @@
-//! Hostile input against the `server` binary: garbage and malformed upgrade requests,
+//! Hostile input against a server in this process: garbage and malformed upgrade requests,
 //! protocol violations on an open connection, silent, slow and oversized requests, floods
 //! of abandoned and short-lived connections, clients that stop reading or answer no ping,
 //! and the connection ceiling.
 //!
-//! After every hostile step the server must still serve a new client, the
-//! `websocket_connections` gauge must be exact, and the process must be back at its idle
-//! thread count (read from /proc/PID/task: no `conn-N` thread may be left behind).
+//! After every hostile step the server must still serve a new client, and its state must
+//! be exact: the registry, the `websocket_connections` gauge and the count of connection
+//! threads (no `conn-N` thread may be left behind), and every ended connection counted
+//! under the reason and Close code it ended with.
 
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,128 +17,38 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::CloseFrame;
-use tungstenite::{Error as WsError, Message};
+use tungstenite::Message;
 
-use crate::support::{self, Server, Ws, PATIENCE};
+use crate::harness::TestServer;
+use crate::support::{
+    self, assert_echo, assert_serves, close_normally, patience, scaled, wait_for_buffered, Ws,
+};
+
+/// Slack for timers that wake a little early (granularity), taken off lower bounds.
+const TIMER_SLACK: Duration = Duration::from_millis(20);
+/// Slack on top of a configured interval for an upper bound (scaled where it is used).
+const SLACK: Duration = Duration::from_secs(3);
 
 // ----------------------------------------------------------------------------------------
 // Helpers
 // ----------------------------------------------------------------------------------------
 
-/// The helper threads every idle server has (besides the main thread and tiny_http's).
-const HELPER_THREADS: [&str; 5] = ["acceptor", "reporter", "metrics-http", "rejecter", "ctrl-c"];
-
-/// A server with its idle thread count measured.
-struct Fixture {
-    server: Server,
-    pid: u32,
-    /// Threads of the idle process after a warm-up request on each port.
-    baseline: usize,
+/// Waits until exactly `live` connections and their threads are left, then checks that a
+/// new client is served (an echo and a clean close) and that the server settles again.
+fn assert_recovered(server: &TestServer, live: usize) {
+    server.wait_settled(live);
+    assert_serves(&server.url());
+    server.wait_settled(live);
 }
 
-impl Fixture {
-    fn start(flags: &[&str]) -> Fixture {
-        let server = Server::start(flags);
-        let pid = server.proc.pid();
-        // Warm up what starts lazily: the acceptor spawns the rejecter before its first
-        // accept, tiny_http starts its worker pool before serving the first request.
-        let (status, response) = support::http_get(server.addr, "/");
-        assert_eq!(status, 200, "{response}");
-        assert_eq!(server.metric("websocket_connections"), 0.0);
-        support::wait_until("the helper threads run under their names", || {
-            let names = support::thread_names(pid);
-            HELPER_THREADS.iter().all(|h| names.iter().any(|n| n == h))
-                && !names.iter().any(|n| n.starts_with("conn-"))
-        });
-        let baseline = server.proc.threads();
-        Fixture {
-            server,
-            pid,
-            baseline,
-        }
-    }
-
-    fn conn_threads(&self) -> usize {
-        support::thread_names(self.pid)
-            .iter()
-            .filter(|n| n.starts_with("conn-"))
-            .count()
-    }
-
-    /// Waits until exactly `live` connection threads are left and the process has no more
-    /// threads than its idle baseline plus those; then the gauge must say exactly `live`.
-    fn wait_settled(&self, live: usize, after: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let (threads, conns) = (self.server.proc.threads(), self.conn_threads());
-            if conns == live && threads <= self.baseline + live {
-                break;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "after {after}: {threads} threads ({conns} conn-N), expected {} + {live} \
-                     live; threads: {:?}\noutput:\n{}",
-                    self.baseline,
-                    support::thread_names(self.pid),
-                    self.server.proc.output()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        // A closing connection leaves the gauge before its thread ends, but a new one is
-        // counted only just after its 101 went out: poll, then check nothing moved.
-        self.server.wait_for_gauge(live as i64);
-        let (threads, conns) = (self.server.proc.threads(), self.conn_threads());
-        assert!(
-            conns == live && threads <= self.baseline + live,
-            "after {after}: {threads} threads ({conns} conn-N) once the gauge said {live}"
-        );
-    }
-
-    /// [`wait_settled`](Self::wait_settled), then a new client is served (an echo and a
-    /// clean close), and the process settles again.
-    fn assert_recovered(&self, live: usize, after: &str) {
-        self.wait_settled(live, after);
-        let mut ws = self.server.connect();
-        assert_echo(&mut ws, &format!("served after {after}"));
-        close_normally(ws);
-        self.wait_settled(live, after);
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        self.server.metric(name)
-    }
-}
-
-fn assert_echo(ws: &mut Ws, text: &str) {
-    ws.send(Message::text(text)).unwrap();
-    loop {
-        match ws.read() {
-            Ok(Message::Text(echo)) => {
-                assert_eq!(echo.as_str(), text);
-                return;
-            }
-            // Server pings may come first when they are on.
-            Ok(Message::Ping(_)) => {}
-            other => panic!("expected the echo of {text:?}, got {other:?}"),
-        }
-    }
-}
-
-fn close_normally(mut ws: Ws) {
-    ws.close(Some(CloseFrame {
-        code: CloseCode::Normal,
-        reason: "".into(),
-    }))
-    .unwrap();
-    loop {
-        match ws.read() {
-            Ok(Message::Close(_) | Message::Ping(_) | Message::Pong(_)) => {}
-            Err(WsError::ConnectionClosed) => return,
-            other => panic!("expected the close handshake to finish, got {other:?}"),
-        }
-    }
+/// All connections counted as ended, whatever the reason.
+fn closed_total(server: &TestServer) -> f64 {
+    let (status, body) = support::http_get(server.metrics, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|line| line.starts_with("websocket_connections_closed_total{"))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
 }
 
 /// How the server ended a connection we were reading.
@@ -144,7 +56,7 @@ fn close_normally(mut ws: Ws) {
 enum End {
     Eof,
     Reset,
-    /// Still open after [`PATIENCE`] without a byte.
+    /// Still open after [`patience`] without a byte.
     Timeout,
 }
 
@@ -161,9 +73,9 @@ impl Answer {
     }
 }
 
-/// Reads until EOF, a reset, or [`PATIENCE`] of silence.
+/// Reads until EOF, a reset, or [`patience`] of silence.
 fn read_to_end(tcp: &mut TcpStream) -> Answer {
-    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    tcp.set_read_timeout(Some(patience())).unwrap();
     let mut bytes = Vec::new();
     let mut buf = [0u8; 16 << 10];
     let end = loop {
@@ -251,32 +163,6 @@ fn read_until_close(tcp: &mut TcpStream, what: &str) -> (Vec<(u8, Vec<u8>)>, Opt
     }
 }
 
-/// Polls, without consuming anything (so the server sees a client that does not read),
-/// until the bytes waiting on `tcp` satisfy `enough`; returns when that was seen.
-fn wait_for_buffered(
-    tcp: &TcpStream,
-    what: &str,
-    mut enough: impl FnMut(&[u8]) -> bool,
-) -> Instant {
-    let deadline = Instant::now() + PATIENCE;
-    let mut buf = vec![0u8; 64 << 10];
-    tcp.set_nonblocking(true).unwrap();
-    loop {
-        match tcp.peek(&mut buf) {
-            Ok(n) if enough(&buf[..n]) => break,
-            Ok(0) => panic!("{what}: the connection ended first"),
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => panic!("{what}: {e}"),
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {PATIENCE:?}");
-        thread::sleep(Duration::from_millis(2)); // polling interval
-    }
-    let seen = Instant::now();
-    tcp.set_nonblocking(false).unwrap();
-    seen
-}
-
 /// Whether `bytes` (short unmasked server frames from their start) hold a Close frame.
 fn holds_close(bytes: &[u8]) -> bool {
     let mut at = 0;
@@ -325,7 +211,9 @@ fn noise(n: usize, seed: u32) -> Vec<u8> {
 
 #[test]
 fn garbage_instead_of_http_is_refused_or_dropped_and_survived() {
-    let fixture = Fixture::start(&["--handshake-timeout", "300ms"]);
+    // Only "blank lines only" waits for the timeout; a short one would answer 408 to a
+    // client that stalled between its connect and its write.
+    let server = TestServer::start(&["--handshake-timeout", "1s"]);
     let tls_client_hello = [
         &[
             0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
@@ -351,7 +239,7 @@ fn garbage_instead_of_http_is_refused_or_dropped_and_survived() {
         ("20 KiB without a line break", vec![b'A'; 20 << 10]),
     ];
     for (what, bytes) in &cases {
-        let answer = exchange(fixture.server.addr, bytes);
+        let answer = exchange(server.addr, bytes);
         assert_ne!(
             answer.end,
             End::Timeout,
@@ -367,17 +255,18 @@ fn garbage_instead_of_http_is_refused_or_dropped_and_survived() {
             assert_eq!(answer.end, End::Eof, "{what}: reset after the response");
         }
     }
+    server.wait_settled(0);
     assert_eq!(
-        fixture.metric("websocket_handshake_failures_total"),
+        server.metric("websocket_handshake_failures_total"),
         cases.len() as f64
     );
-    assert_eq!(fixture.metric("websocket_connections_total"), 0.0);
-    fixture.assert_recovered(0, "garbage requests");
+    assert_eq!(server.metric("websocket_connections_total"), 0.0);
+    assert_recovered(&server, 0);
 }
 
 #[test]
 fn refused_upgrades_get_a_status_line_before_the_close() {
-    let fixture = Fixture::start(&["--handshake-timeout", "300ms"]);
+    let server = TestServer::start(&["--handshake-timeout", "30s"]);
     let get = "GET /ws HTTP/1.1";
     let all = [HOST, UPGRADE, CONNECTION, KEY, VERSION];
     // (what, request, acceptable statuses, a header line the response must carry)
@@ -524,7 +413,7 @@ fn refused_upgrades_get_a_status_line_before_the_close() {
         ),
     ];
     for (what, request, statuses, header) in &cases {
-        let answer = exchange(fixture.server.addr, request.as_bytes());
+        let answer = exchange(server.addr, request.as_bytes());
         assert_eq!(
             answer.end,
             End::Eof,
@@ -544,23 +433,41 @@ fn refused_upgrades_get_a_status_line_before_the_close() {
         }
         assert!(!response.body.trim().is_empty(), "{what}: no reason given");
     }
+    server.wait_settled(0);
     assert_eq!(
-        fixture.metric("websocket_handshake_failures_total"),
+        server.metric("websocket_handshake_failures_total"),
         cases.len() as f64
     );
-    assert_eq!(fixture.metric("websocket_connections_total"), 0.0);
-    fixture.assert_recovered(0, "refused upgrade requests");
+    assert_eq!(server.metric("websocket_connections_total"), 0.0);
+    assert_recovered(&server, 0);
 }
 
 // ----------------------------------------------------------------------------------------
 // Protocol violations on an open connection
 // ----------------------------------------------------------------------------------------
 
+/// The `reason` label of a connection we closed with `code`.
+fn violation_reason(code: u16) -> &'static str {
+    match code {
+        1002 => "protocol_error",
+        1007 => "invalid_data",
+        1009 => "too_big",
+        other => panic!("no violation closes with {other}"),
+    }
+}
+
+/// BUG (library): tungstenite hands the server a Close whose code may not be sent (1005,
+/// 999) already rewritten to 1002, so src/server/connection.rs counts it as the peer's
+/// Close 1002 (`peer_close`, and logs `close 1002 "Protocol violation"` as the peer's),
+/// although it is a violation the server answered with 1002 (`protocol_error`). The Close
+/// on the wire is right; these cases pin the label as it is today.
+const MISLABELLED: [&str; 2] = ["a Close with code 1005", "a Close with code 999"];
+
 #[test]
 fn protocol_violations_get_their_close_code_then_tcp_closes() {
-    let fixture = Fixture::start(&["--max-frame-size", "64KiB"]);
-    let mut bystander = fixture.server.connect();
-    fixture.wait_settled(1, "the bystander connected");
+    let server = TestServer::start(&["--max-frame-size", "64KiB"]);
+    let mut bystander = server.connect();
+    server.wait_settled(1);
 
     let masked = support::masked_frame;
     let unmasked = |byte0, payload: &[u8]| support::encode_frame(byte0, payload, None, None);
@@ -569,6 +476,7 @@ fn protocol_violations_get_their_close_code_then_tcp_closes() {
     let long_close: Vec<u8> = [&normal_close[..], &[b'a'; 124]].concat();
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         ("an unmasked text frame", unmasked(0x81, b"hi"), 1002),
+        ("an unmasked binary frame", unmasked(0x82, b"abc"), 1002),
         (
             "an unmasked Close frame",
             unmasked(0x88, &normal_close),
@@ -607,6 +515,11 @@ fn protocol_violations_get_their_close_code_then_tcp_closes() {
             1009,
         ),
         (
+            "invalid UTF-8 in a text frame",
+            masked(0x81, &[b'o', b'k', 0xff, 0xfe]),
+            1007,
+        ),
+        (
             "invalid UTF-8 split across fragments",
             [masked(0x01, &[b'o', 0xc3]), masked(0x80, &[0x28])].concat(),
             1007,
@@ -617,9 +530,9 @@ fn protocol_violations_get_their_close_code_then_tcp_closes() {
             1007,
         ),
     ];
+    let mut counted: HashMap<(&str, u16), f64> = HashMap::new();
     for (what, bytes, code) in &cases {
-        let mut tcp = support::raw_upgrade(fixture.server.addr);
-        let port = tcp.local_addr().unwrap().port();
+        let mut tcp = support::raw_upgrade(server.addr);
         tcp.write_all(bytes).unwrap();
         let (before, got) = read_until_close(&mut tcp, what);
         assert!(
@@ -635,38 +548,46 @@ fn protocol_violations_get_their_close_code_then_tcp_closes() {
             "{what}: bytes after the Close: {rest:?}"
         );
         drop(tcp);
-        let line = fixture
-            .server
-            .proc
-            .wait_for(&format!("Disconnected: 127.0.0.1:{port} "), PATIENCE);
-        assert!(line.contains(&format!("close {code}")), "{what}: {line}");
+        server.wait_settled(1);
+        let reason = if MISLABELLED.contains(what) {
+            "peer_close"
+        } else {
+            violation_reason(*code)
+        };
+        let count = counted.entry((reason, *code)).or_default();
+        *count += 1.0;
+        assert_eq!(
+            server.closed(reason, &code.to_string()),
+            *count,
+            "{what}: not counted as {reason} {code}"
+        );
     }
+    assert_eq!(closed_total(&server), cases.len() as f64);
     assert_eq!(
-        fixture.metric("websocket_connections_total"),
+        server.metric("websocket_connections_total"),
         1.0 + cases.len() as f64
     );
-    fixture.wait_settled(1, "the protocol violations");
-    assert_echo(&mut bystander, "the bystander is untouched");
-    fixture.assert_recovered(1, "the protocol violations");
+    assert_echo(&mut bystander, 10);
+    assert_recovered(&server, 1);
     close_normally(bystander);
-    fixture.wait_settled(0, "the bystander closed");
+    server.wait_settled(0);
 }
 
 // ----------------------------------------------------------------------------------------
 // Requests that never end, or are too big
 // ----------------------------------------------------------------------------------------
 
-/// The timeout is 300 ms; each socket must be dropped between 300 ms and 300 ms + 2.5 s
-/// after it connected (generous: tests share two cores).
+/// The timeout is 300 ms: each socket must be dropped no earlier, and within a few seconds
+/// (scaled) after it.
 #[test]
 fn silent_and_trickling_clients_are_dropped_at_the_handshake_timeout() {
     const TIMEOUT: Duration = Duration::from_millis(300);
-    const SLACK: Duration = Duration::from_millis(2500);
-    let fixture = Fixture::start(&["--handshake-timeout", "300ms"]);
-    let addr = fixture.server.addr;
+    let server = TestServer::start(&["--handshake-timeout", "300ms"]);
+    let addr = server.addr;
     let full = support::upgrade_request();
 
-    // Silent sockets and one that stops one byte short of the blank line.
+    // Silent sockets and one that stops one byte short of the blank line. The clock starts
+    // before the connect, so it cannot start after the server's.
     let mut waiters = Vec::new();
     for i in 0..11 {
         let partial = if i == 10 {
@@ -675,8 +596,8 @@ fn silent_and_trickling_clients_are_dropped_at_the_handshake_timeout() {
             String::new()
         };
         waiters.push(thread::spawn(move || {
-            let mut tcp = TcpStream::connect(addr).unwrap();
             let start = Instant::now();
+            let mut tcp = TcpStream::connect(addr).unwrap();
             tcp.write_all(partial.as_bytes()).unwrap();
             let answer = read_to_end(&mut tcp);
             (answer, start.elapsed())
@@ -684,8 +605,8 @@ fn silent_and_trickling_clients_are_dropped_at_the_handshake_timeout() {
     }
 
     // Slowloris: one byte every 20 ms, so the request would take 3 s to complete.
-    let mut slow = TcpStream::connect(addr).unwrap();
     let start = Instant::now();
+    let mut slow = TcpStream::connect(addr).unwrap();
     let ended = Arc::new(AtomicBool::new(false));
     let reader = {
         let mut slow = slow.try_clone().unwrap();
@@ -729,28 +650,21 @@ fn silent_and_trickling_clients_are_dropped_at_the_handshake_timeout() {
             );
         }
         assert!(
-            elapsed >= TIMEOUT - Duration::from_millis(20) && elapsed < TIMEOUT + SLACK,
+            elapsed >= TIMEOUT - TIMER_SLACK && elapsed < scaled(TIMEOUT + SLACK),
             "socket {i} dropped after {elapsed:?} (timeout {TIMEOUT:?})"
         );
     }
-    fixture.wait_settled(0, "the handshake timeouts");
-    // The log reaches us through a pipe: wait for the lines, then check there are no more.
-    let timed_out = "within the handshake timeout";
-    fixture.server.proc.wait_for_nth(timed_out, 12, PATIENCE);
-    assert_eq!(
-        fixture.server.proc.count(timed_out),
-        12,
-        "{}",
-        fixture.server.proc.output()
-    );
-    assert_eq!(fixture.metric("websocket_handshake_failures_total"), 12.0);
-    fixture.assert_recovered(0, "the handshake timeouts");
+    server.wait_settled(0);
+    // Silent or not, each timed out handshake counts as a failure.
+    assert_eq!(server.metric("websocket_handshake_failures_total"), 12.0);
+    assert_eq!(server.metric("websocket_connections_total"), 0.0);
+    assert_recovered(&server, 0);
 }
 
 #[test]
 fn request_heads_over_8_kib_get_431_and_exactly_8_kib_upgrades() {
-    let fixture = Fixture::start(&["--handshake-timeout", "2s"]);
-    let addr = fixture.server.addr;
+    let server = TestServer::start(&["--handshake-timeout", "30s"]);
+    let addr = server.addr;
     let all = [HOST, UPGRADE, CONNECTION, KEY, VERSION];
     // An upgrade whose head is exactly `size` bytes, padded with one header.
     let padded_upgrade = |size: usize| {
@@ -789,12 +703,13 @@ fn request_heads_over_8_kib_get_431_and_exactly_8_kib_upgrades() {
         let response = parse_response(&answer, what);
         assert_eq!(response.status, 431, "{what}: {response:?}");
     }
-    assert_eq!(fixture.metric("websocket_handshake_failures_total"), 3.0);
-    fixture.assert_recovered(0, "oversized request heads");
+    server.wait_settled(0);
+    assert_eq!(server.metric("websocket_handshake_failures_total"), 3.0);
+    assert_recovered(&server, 0);
 
     // Exactly 8 KiB is within the limit, and the connection works.
     let mut tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    tcp.set_read_timeout(Some(patience())).unwrap();
     tcp.write_all(padded_upgrade(8192).as_bytes()).unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -816,8 +731,10 @@ fn request_heads_over_8_kib_get_431_and_exactly_8_kib_upgrades() {
     assert!(before.is_empty());
     assert_eq!(code, Some(1000));
     assert_eq!(read_to_end(&mut tcp).end, End::Eof);
-    fixture.assert_recovered(0, "an upgrade with an 8 KiB head");
-    assert_eq!(fixture.metric("websocket_handshake_failures_total"), 3.0);
+    assert_recovered(&server, 0);
+    assert_eq!(server.metric("websocket_handshake_failures_total"), 3.0);
+    // The recovery checks and the 8 KiB upgrade.
+    assert_eq!(server.closed("peer_close", "1000"), 3.0);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -827,14 +744,14 @@ fn request_heads_over_8_kib_get_431_and_exactly_8_kib_upgrades() {
 #[test]
 fn a_thousand_connections_abandoned_mid_handshake() {
     const WAVE: usize = 500;
-    let fixture = Fixture::start(&["--handshake-timeout", "5s"]);
-    let addr = fixture.server.addr;
+    // The handshake timeout must not end any of them: the test drops them.
+    let server = TestServer::start(&["--handshake-timeout", "60s"]);
+    let addr = server.addr;
+    let state = server.state();
     let full = support::upgrade_request();
-    let deadline = Instant::now() + Duration::from_secs(4);
     for wave in 0..2 {
         let mut held = Vec::with_capacity(WAVE);
         for i in 0..WAVE {
-            assert!(Instant::now() < deadline, "wave {wave}: too slow at {i}");
             let mut tcp = TcpStream::connect(addr).unwrap();
             match i % 3 {
                 0 => {}
@@ -846,60 +763,58 @@ fn a_thousand_connections_abandoned_mid_handshake() {
         // Every socket has its thread, in its handshake: none is a connection yet.
         support::wait_until(
             &format!("wave {wave}: {WAVE} handshakes in progress"),
-            || fixture.conn_threads() == WAVE,
+            || state.handshakes() == WAVE && state.connection_threads() == WAVE,
         );
-        assert_eq!(fixture.metric("websocket_connections"), 0.0);
+        assert_eq!(state.connections(), 0);
+        assert_eq!(server.metric("websocket_connections"), 0.0);
         // A real client is still served meanwhile.
-        let mut ws = fixture.server.connect();
-        assert_echo(&mut ws, "served during the flood");
-        close_normally(ws);
+        assert_serves(&server.url());
         drop(held);
-        fixture.wait_settled(0, &format!("wave {wave} of abandoned handshakes"));
+        server.wait_settled(0);
         // The two thirds that sent part of a request count; the silent third (a TCP probe,
         // as far as the server can tell) does not.
         let partial_per_wave = (0..WAVE).filter(|i| i % 3 != 0).count();
         assert_eq!(
-            fixture.metric("websocket_handshake_failures_total"),
+            server.metric("websocket_handshake_failures_total"),
             ((wave + 1) * partial_per_wave) as f64
         );
     }
-    fixture.assert_recovered(0, "1000 abandoned handshakes");
-    assert_eq!(fixture.metric("websocket_connections_total"), 3.0);
+    assert_recovered(&server, 0);
+    assert_eq!(server.metric("websocket_connections_total"), 3.0);
+    assert_eq!(server.closed("peer_close", "1000"), 3.0);
 }
 
 #[test]
 fn a_flood_of_connects_and_disconnects() {
     const THREADS: usize = 4;
     const ROUNDS: usize = 60;
-    let fixture = Fixture::start(&["--handshake-timeout", "1s"]);
-    let addr = fixture.server.addr;
-    let url = fixture.server.url();
+    let server = TestServer::start(&["--handshake-timeout", "30s"]);
+    let addr = server.addr;
+    let url = server.url();
     let upgrades = Arc::new(AtomicUsize::new(0));
+    let clean = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(AtomicUsize::new(0));
-    let rounds = Arc::new(AtomicUsize::new(0));
-    let deadline = Instant::now() + Duration::from_secs(4);
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {
-            let (url, upgrades, failures, rounds) = (
+            let (url, upgrades, clean, failures) = (
                 url.clone(),
                 upgrades.clone(),
+                clean.clone(),
                 failures.clone(),
-                rounds.clone(),
             );
             thread::spawn(move || {
                 for round in 0..ROUNDS {
-                    if Instant::now() >= deadline {
-                        break;
-                    }
                     match (round + t) % 6 {
                         0 => {
                             let mut ws = support::connect(&url);
                             upgrades.fetch_add(1, Ordering::SeqCst);
-                            assert_echo(&mut ws, "flood");
+                            assert_echo(&mut ws, 5);
                             close_normally(ws);
+                            clean.fetch_add(1, Ordering::SeqCst);
                         }
                         1 => {
-                            // Abrupt: the echo is left unread, so the close is a reset.
+                            // Abrupt: the echo is left unread, so the close is (usually) a
+                            // reset.
                             let mut ws = support::connect(&url);
                             upgrades.fetch_add(1, Ordering::SeqCst);
                             ws.send(Message::binary(vec![1u8; 1000])).unwrap();
@@ -917,12 +832,12 @@ fn a_flood_of_connects_and_disconnects() {
                             assert_eq!(support::http_get(addr, "/").0, 200);
                         }
                         _ => {
+                            // A request cut short: a failed upgrade.
                             let mut tcp = TcpStream::connect(addr).unwrap();
                             tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").unwrap();
                             failures.fetch_add(1, Ordering::SeqCst);
                         }
                     }
-                    rounds.fetch_add(1, Ordering::SeqCst);
                 }
             })
         })
@@ -930,26 +845,23 @@ fn a_flood_of_connects_and_disconnects() {
     for worker in workers {
         worker.join().unwrap();
     }
-    let rounds = rounds.load(Ordering::SeqCst);
-    assert!(rounds >= 60, "only {rounds} rounds in 4 s");
-    fixture.wait_settled(0, "the connect/disconnect flood");
-    let upgrades = upgrades.load(Ordering::SeqCst);
+    server.wait_settled(0);
+    let upgrades = upgrades.load(Ordering::SeqCst) as f64;
+    let clean = clean.load(Ordering::SeqCst) as f64;
+    assert_eq!(server.metric("websocket_connections_total"), upgrades);
     assert_eq!(
-        fixture.metric("websocket_connections_total"),
-        upgrades as f64
-    );
-    assert_eq!(
-        fixture.metric("websocket_handshake_failures_total"),
+        server.metric("websocket_handshake_failures_total"),
         failures.load(Ordering::SeqCst) as f64
     );
-    // The log reaches us through a pipe: wait for the lines, then check there are no more.
-    for line in ["Connected: 127.0.0.1:", "Disconnected: 127.0.0.1:"] {
-        if upgrades > 0 {
-            fixture.server.proc.wait_for_nth(line, upgrades, PATIENCE);
-        }
-        assert_eq!(fixture.server.proc.count(line), upgrades, "{line}");
-    }
-    fixture.assert_recovered(0, "the connect/disconnect flood");
+    // Every connection is counted once as it ends: the clean ones as such, the abrupt ones
+    // as a reset or a FIN without Close.
+    assert_eq!(closed_total(&server), upgrades);
+    assert_eq!(server.closed("peer_close", "1000"), clean);
+    assert_eq!(
+        server.closed("reset", "none") + server.closed("eof", "none"),
+        upgrades - clean
+    );
+    assert_recovered(&server, 0);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -961,10 +873,11 @@ fn beyond_max_connections_503_with_retry_after_and_live_ones_untouched() {
     const MAX: usize = 3;
     const REFUSERS: usize = 4;
     const REFUSALS: usize = 8;
-    let fixture = Fixture::start(&["--max-connections", "3", "--handshake-timeout", "1s"]);
-    let addr = fixture.server.addr;
-    let mut live: Vec<Ws> = (0..MAX).map(|_| fixture.server.connect()).collect();
-    fixture.wait_settled(MAX, "filling the server");
+    let server = TestServer::start(&["--max-connections", "3", "--handshake-timeout", "30s"]);
+    let addr = server.addr;
+    let state = server.state();
+    let mut live: Vec<Ws> = (0..MAX).map(|_| server.connect()).collect();
+    server.wait_settled(MAX);
 
     let refused = move |what: &str| {
         let answer = exchange(addr, support::upgrade_request().as_bytes());
@@ -993,52 +906,83 @@ fn beyond_max_connections_503_with_retry_after_and_live_ones_untouched() {
         })
         .collect();
     let mut most_threads = 0;
-    let deadline = Instant::now() + PATIENCE;
-    while done.load(Ordering::SeqCst) < REFUSERS && Instant::now() < deadline {
-        most_threads = most_threads.max(fixture.server.proc.threads());
-        thread::sleep(Duration::from_millis(2)); // sampling interval
-    }
+    support::wait_until("the refusers are done", || {
+        most_threads = most_threads.max(state.connection_threads());
+        done.load(Ordering::SeqCst) == REFUSERS
+    });
     for refuser in refusers {
         refuser.join().unwrap();
     }
     assert!(
-        most_threads <= fixture.baseline + MAX,
-        "{most_threads} threads while refusing (baseline {} + {MAX} connections)",
-        fixture.baseline
+        most_threads <= MAX,
+        "{most_threads} connection threads while refusing ({MAX} connections)"
     );
     assert_eq!(
-        fixture.metric("websocket_connections_rejected_total"),
+        server.metric("websocket_connections_rejected_total"),
         (REFUSERS * REFUSALS) as f64
     );
-    fixture.wait_settled(MAX, "the refusals");
-    for (i, ws) in live.iter_mut().enumerate() {
-        assert_echo(ws, &format!("live connection {i} is untouched"));
+    server.wait_settled(MAX);
+    for ws in &mut live {
+        assert_echo(ws, 10);
     }
 
     // One leaves: a new one is admitted again, then the ceiling holds again.
     close_normally(live.pop().unwrap());
-    fixture.wait_settled(MAX - 1, "one connection closed");
-    let mut admitted = fixture.server.connect();
-    assert_echo(&mut admitted, "admitted after a close");
+    server.wait_settled(MAX - 1);
+    let mut admitted = server.connect();
+    assert_echo(&mut admitted, 10);
     live.push(admitted);
-    fixture.wait_settled(MAX, "a new connection was admitted");
+    server.wait_settled(MAX);
     refused("the ceiling again");
     let rejected = (REFUSERS * REFUSALS + 1) as f64;
     assert_eq!(
-        fixture.metric("websocket_connections_rejected_total"),
+        server.metric("websocket_connections_rejected_total"),
         rejected
     );
-    for (i, ws) in live.iter_mut().enumerate() {
-        assert_echo(ws, &format!("live connection {i} after the refusals"));
+    for ws in &mut live {
+        assert_echo(ws, 10);
     }
     for ws in live {
         close_normally(ws);
     }
-    fixture.assert_recovered(0, "closing every connection");
+    assert_recovered(&server, 0);
     assert_eq!(
-        fixture.metric("websocket_connections_rejected_total"),
+        server.metric("websocket_connections_rejected_total"),
         rejected
     );
+    assert_eq!(server.metric("websocket_handshake_failures_total"), 0.0);
+}
+
+#[test]
+fn refused_sockets_waiting_for_their_503_do_not_hold_up_shutdown() {
+    // Each silent refused socket costs the rejecter up to ~200 ms; 60 of them queued would
+    // take ~12 s. Shutdown must not wait for them before closing the live connection (nor
+    // wait for the 30 s shutdown timeout).
+    let mut server = TestServer::start(&["--max-connections", "1", "--shutdown-timeout", "30s"]);
+    let mut live = server.connect();
+    assert_echo(&mut live, 10);
+    let silent: Vec<TcpStream> = (0..60)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    support::wait_until("the rejecter is busy with a refused socket", || {
+        server.metric("websocket_connections_rejected_total") >= 1.0
+    });
+
+    let start = Instant::now();
+    server.shut_down();
+    let frame = support::read_close(&mut live);
+    let took = start.elapsed();
+    assert_eq!(frame.code, CloseCode::Away);
+    assert!(
+        took < scaled(SLACK),
+        "Close 1001 came {took:?} after the shutdown request"
+    );
+    match live.read() {
+        Err(tungstenite::Error::ConnectionClosed) => {}
+        other => panic!("expected the end after the close handshake, got {other:?}"),
+    }
+    server.wait_stopped(Duration::from_secs(10));
+    drop(silent);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -1048,34 +992,36 @@ fn beyond_max_connections_503_with_retry_after_and_live_ones_untouched() {
 #[test]
 fn a_client_that_stops_reading_is_cut_off_by_the_write_timeout() {
     const MESSAGE: usize = 12 << 20;
-    let fixture = Fixture::start(&["--write-timeout", "300ms"]);
-    let mut bystander = fixture.server.connect();
-    fixture.wait_settled(1, "the bystander connected");
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let server = TestServer::start(&["--write-timeout", "300ms"]);
+    let state = server.state();
+    let mut bystander = server.connect();
+    server.wait_settled(1);
 
     // A small receive buffer, so the echo cannot all sit in the kernel.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&fixture.server.addr.into()).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
     let mut tcp = support::upgrade_on(socket.into());
-    let port = tcp.local_addr().unwrap().port();
+    server.wait_settled(2);
     let frame = support::masked_frame(0x82, &vec![0x5a; MESSAGE]);
     tcp.write_all(&frame).unwrap();
+    // The server echoes only once it has read the whole message, so its writes (and their
+    // stalls) all come after this.
+    let sent = Instant::now();
     drop(frame);
-    // The server reads the whole message before it echoes: the echo starts when its first
-    // bytes arrive. From then on the server can make no progress for long.
-    let echo_started = wait_for_buffered(&tcp, "the echo", |bytes| !bytes.is_empty());
-    let line = fixture
-        .server
-        .proc
-        .wait_for(&format!("Disconnected: 127.0.0.1:{port} "), PATIENCE);
-    let elapsed = echo_started.elapsed();
-    assert!(line.contains("write timed out"), "{line}");
+    wait_for_buffered(&tcp, "the echo", |bytes| !bytes.is_empty());
+    support::wait_until("the server gives up on the stalled echo", || {
+        state.connections() == 1
+    });
+    let took = sent.elapsed();
     assert!(
-        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_millis(300 + 2500),
-        "cut off {elapsed:?} after the echo started (write timeout 300ms)"
+        took >= TIMEOUT - TIMER_SLACK && took < scaled(TIMEOUT + SLACK),
+        "cut off {took:?} after the message was sent (write timeout {TIMEOUT:?})"
     );
-    fixture.wait_settled(1, "the write timeout");
-    assert_echo(&mut bystander, "the bystander is untouched");
+    server.wait_settled(1);
+    assert_eq!(server.closed("write_timeout", "none"), 1.0);
+    assert_echo(&mut bystander, 10);
 
     // What did arrive is part of the echo, then the connection ends.
     let answer = read_to_end(&mut tcp);
@@ -1085,59 +1031,57 @@ fn a_client_that_stops_reading_is_cut_off_by_the_write_timeout() {
         "the whole echo ({} bytes) arrived",
         answer.bytes.len()
     );
-    fixture.assert_recovered(1, "the write timeout");
+    assert_recovered(&server, 1);
     close_normally(bystander);
-    fixture.wait_settled(0, "the bystander closed");
+    server.wait_settled(0);
+    assert_eq!(closed_total(&server), 3.0);
 }
 
 #[test]
 fn idle_timeout_closes_a_mute_client_and_spares_one_that_answers_pings() {
-    const PING: Duration = Duration::from_millis(100);
-    const IDLE: Duration = Duration::from_millis(400);
+    const PING: Duration = Duration::from_millis(200);
+    const IDLE: Duration = Duration::from_millis(800);
     /// The server's wait for a peer that never closes its side (net::LINGER).
     const LINGER: Duration = Duration::from_secs(1);
-    const SLACK: Duration = Duration::from_millis(1500);
-    let fixture = Fixture::start(&["--server-ping-interval", "100ms", "--idle-timeout", "400ms"]);
+    let server = TestServer::start(&["--server-ping-interval", "200ms", "--idle-timeout", "800ms"]);
+    let state = server.state();
 
-    // A tungstenite client that reads (and so answers every ping) for four idle timeouts.
+    // A tungstenite client that reads (and so answers every ping) for two idle timeouts
+    // and at least six pings.
     let reader = {
-        let mut ws = fixture.server.connect();
+        let mut ws = server.connect();
         thread::spawn(move || {
             let start = Instant::now();
             let mut pings = 0;
-            while start.elapsed() < IDLE * 4 {
+            while pings < 6 || start.elapsed() < IDLE * 2 {
                 match ws.read() {
                     Ok(Message::Ping(_)) => pings += 1,
-                    other => panic!("the reading client got {other:?}"),
+                    other => panic!("the reading client got {other:?} after {pings} pings"),
                 }
             }
-            (ws, pings)
+            ws
         })
     };
 
-    // A raw socket that completes the upgrade and then neither reads nor writes.
-    let mut mute = support::raw_upgrade(fixture.server.addr);
-    let upgraded = Instant::now();
-    let port = mute.local_addr().unwrap().port();
+    // A raw socket that completes the upgrade and then neither reads nor writes. The clock
+    // starts before the request, so before the server's.
+    let start = Instant::now();
+    let mut mute = support::raw_upgrade(server.addr);
     let closed = wait_for_buffered(&mute, "the mute client's Close", holds_close);
-    let elapsed = closed.duration_since(upgraded);
+    let took = closed.duration_since(start);
     assert!(
-        elapsed >= IDLE - Duration::from_millis(20) && elapsed < IDLE + PING + SLACK,
-        "the mute client got its Close after {elapsed:?} (idle timeout {IDLE:?})"
+        took >= IDLE - TIMER_SLACK && took < scaled(IDLE + PING + SLACK),
+        "the mute client got its Close after {took:?} (idle timeout {IDLE:?})"
     );
-    // It leaves the gauge once the server stops waiting for it to close its side.
-    let line = fixture
-        .server
-        .proc
-        .wait_for(&format!("Disconnected: 127.0.0.1:{port} "), PATIENCE);
-    assert!(line.contains("nothing received for"), "{line}");
-    assert!(line.contains("sent close 1001"), "{line}");
+    // It leaves the registry once the server stops waiting for it to close its side.
+    support::wait_until("the mute client leaves", || state.connections() == 1);
     assert!(
-        closed.elapsed() < LINGER + SLACK,
-        "the mute client left the gauge {:?} after its Close",
+        closed.elapsed() < scaled(LINGER + SLACK),
+        "the mute client left {:?} after its Close (linger {LINGER:?})",
         closed.elapsed()
     );
-    // Its Close came after a few pings; then the server ended the TCP connection.
+    assert_eq!(server.closed("idle_timeout", "1001"), 1.0);
+    // Its Close came after a few numbered pings; then the server ended the TCP connection.
     let (pings, code) = read_until_close(&mut mute, "the mute client");
     assert_eq!(code, Some(1001));
     assert!(
@@ -1151,26 +1095,23 @@ fn idle_timeout_closes_a_mute_client_and_spares_one_that_answers_pings() {
     }
     assert_eq!(read_to_end(&mut mute).end, End::Eof);
 
-    let (mut ws, pings) = reader.join().unwrap();
-    assert!(
-        pings >= 8,
-        "the reading client got only {pings} pings in {:?}",
-        IDLE * 4
-    );
-    fixture.wait_settled(1, "the idle timeout");
-    assert_echo(&mut ws, "still connected after four idle timeouts");
-    fixture.assert_recovered(1, "the idle timeout");
+    let mut ws = reader.join().unwrap();
+    server.wait_settled(1);
+    assert_echo(&mut ws, 10);
+    assert_recovered(&server, 1);
     close_normally(ws);
-    fixture.wait_settled(0, "the reading client closed");
+    server.wait_settled(0);
+    assert_eq!(server.closed("idle_timeout", "1001"), 1.0);
+    assert_eq!(server.closed("peer_close", "1000"), 2.0);
 }
 
-/// A link that delivers at most 4 KiB per millisecond or so (about 4 MB/s).
+/// A link that delivers at most 2 KiB per millisecond or so (about 2 MB/s).
 struct SlowLink(TcpStream);
 
 impl Read for SlowLink {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         thread::sleep(Duration::from_millis(1)); // the link's pace
-        let n = buf.len().min(4096);
+        let n = buf.len().min(2048);
         self.0.read(&mut buf[..n])
     }
 }
@@ -1184,28 +1125,33 @@ impl Write for SlowLink {
     }
 }
 
-/// Regression: the idle clock restarted when an echo had been handed to
-/// the kernel (`last_echo` after `socket.send` in `echo`, src/server/connection.rs), but
+/// Regression: the idle clock restarted when an echo had been handed to the kernel, but
 /// the kernel may still hold megabytes of it unsent (the send buffer autotunes to
-/// `net.ipv4.tcp_wmem`'s maximum, 4 MiB here). The server's pings queue behind that data,
-/// so a tungstenite client that reads all the time, at the speed of its link, cannot
+/// `net.ipv4.tcp_wmem`'s maximum, 4 MiB by default). The server's pings queue behind that
+/// data, so a tungstenite client that reads all the time, at the speed of its link, cannot
 /// answer one before the idle timeout and is closed with 1001 "idle timeout" right after
 /// it has read the echo. The server now sets TCP_NOTSENT_LOWAT when an idle timeout is on.
+///
+/// At 2 MB/s, 4 MiB queued in the kernel take 2 s, far beyond the 800 ms idle timeout;
+/// what the server may now queue (128 KiB, plus the client's receive buffer) takes a tenth
+/// of that.
 #[test]
 fn a_reading_client_on_a_slow_link_is_not_idle() {
     const MESSAGE: usize = 6 << 20;
-    let fixture = Fixture::start(&["--server-ping-interval", "100ms", "--idle-timeout", "400ms"]);
+    let server = TestServer::start(&["--server-ping-interval", "200ms", "--idle-timeout", "800ms"]);
+    // Made before the upgrade: until its first bytes arrive the client looks idle.
+    let payload: Vec<u8> = (0..MESSAGE).map(|i| (i % 251) as u8).collect();
+    let message = Message::binary(payload.clone());
     // A receive buffer of fixed size, so the echo waits on the link, not in the kernel.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(64 << 10).unwrap();
-    socket.connect(&fixture.server.addr.into()).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
     let tcp: TcpStream = socket.into();
-    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
-    let (mut ws, _) = tungstenite::client(fixture.server.url(), SlowLink(tcp)).unwrap();
+    tcp.set_read_timeout(Some(patience())).unwrap();
+    let (mut ws, _) = tungstenite::client(server.url(), SlowLink(tcp)).unwrap();
 
-    let payload: Vec<u8> = (0..MESSAGE).map(|i| (i % 251) as u8).collect();
     let start = Instant::now();
-    ws.send(Message::binary(payload.clone())).unwrap();
+    ws.send(message).unwrap();
     let echo = loop {
         match ws.read() {
             Ok(Message::Binary(echo)) => break echo,
@@ -1231,10 +1177,11 @@ fn a_reading_client_on_a_slow_link_is_not_idle() {
             ),
         }
     }
-    fixture.wait_settled(1, "a slow echo");
+    server.wait_settled(1);
+    assert_eq!(server.closed("idle_timeout", "1001"), 0.0);
     ws.close(None).unwrap();
     while ws.read().is_ok() {}
-    fixture.wait_settled(0, "the slow client closed");
+    server.wait_settled(0);
 }
 
 /// A client whose single large frame arrives steadily over a slow link cannot send a pong
@@ -1243,13 +1190,13 @@ fn a_reading_client_on_a_slow_link_is_not_idle() {
 #[test]
 fn a_client_uploading_a_large_frame_slowly_is_not_idle() {
     const MESSAGE: usize = 64 << 10;
-    const CHUNKS: usize = 8;
-    let fixture = Fixture::start(&["--server-ping-interval", "100ms", "--idle-timeout", "400ms"]);
-    let mut tcp = support::raw_upgrade(fixture.server.addr);
+    const CHUNKS: usize = 24;
+    let server = TestServer::start(&["--server-ping-interval", "250ms", "--idle-timeout", "1s"]);
     let payload: Vec<u8> = (0..MESSAGE).map(|i| (i % 253) as u8).collect();
     let frame = support::masked_frame(0x82, &payload);
-    // 8 chunks 150 ms apart: bytes arrive every 150 ms (well within the 400 ms idle
-    // timeout) for about 1.2 s.
+    let mut tcp = support::raw_upgrade(server.addr);
+    // 24 chunks 100 ms apart: bytes arrive every 100 ms (a tenth of the idle timeout) for
+    // about 2.4 s, more than twice the idle timeout.
     let chunk = frame.len().div_ceil(CHUNKS);
     let mut sent = 0;
     for part in frame.chunks(chunk) {
@@ -1257,7 +1204,7 @@ fn a_client_uploading_a_large_frame_slowly_is_not_idle() {
             break;
         }
         sent += part.len();
-        thread::sleep(Duration::from_millis(150)); // the upload's pace
+        thread::sleep(Duration::from_millis(100)); // the upload's pace
     }
     let mut pings = 0;
     loop {
@@ -1276,45 +1223,6 @@ fn a_client_uploading_a_large_frame_slowly_is_not_idle() {
             ),
         }
     }
-    fixture.wait_settled(1, "a slow upload");
-}
-
-#[test]
-fn refused_sockets_waiting_for_their_503_do_not_hold_up_shutdown() {
-    // Each silent refused socket costs the rejecter up to ~200 ms; 30 of them queued would
-    // take ~6 s. Shutdown must not wait for them before closing the live connection.
-    let server = Server::start(&["--max-connections", "1", "--shutdown-timeout", "1s"]);
-    let mut live = server.connect();
-    assert_echo(&mut live, "the one admitted connection");
-    let silent: Vec<TcpStream> = (0..30)
-        .map(|_| TcpStream::connect(server.addr).unwrap())
-        .collect();
-    server.proc.wait_for("Refused", PATIENCE);
-    let Server { mut proc, .. } = server;
-    let start = Instant::now();
-    proc.signal("TERM");
-    let frame = loop {
-        match live.read() {
-            Ok(Message::Close(frame)) => break frame,
-            Ok(_) => {}
-            Err(error) => panic!(
-                "expected Close 1001, got {error}; output:\n{}",
-                proc.output()
-            ),
-        }
-    };
-    assert_eq!(frame.map(|f| f.code), Some(CloseCode::Away));
-    assert!(
-        start.elapsed() < Duration::from_millis(800),
-        "Close 1001 came {:?} after SIGTERM; output:\n{}",
-        start.elapsed(),
-        proc.output()
-    );
-    let status = proc.wait_exit(Duration::from_secs(3));
-    assert!(
-        status.success(),
-        "exit status {status}; output:\n{}",
-        proc.output()
-    );
-    drop(silent);
+    server.wait_settled(1);
+    assert_eq!(server.closed("idle_timeout", "1001"), 0.0);
 }

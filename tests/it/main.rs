@@ -12,4 +12,5 @@ mod hostile;
 mod metrics_http;
 mod process;
 mod server;
+mod server_process;
 mod support;

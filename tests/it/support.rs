@@ -601,3 +601,31 @@ pub fn thread_names(pid: u32) -> Vec<String> {
         .map(|name| name.trim_end().to_owned())
         .collect()
 }
+
+/// Connects to `url`, checks one echo and closes cleanly: the server still serves.
+pub fn assert_serves(url: &str) {
+    let mut ws = connect(url);
+    assert_echo(&mut ws, 17);
+    close_normally(ws);
+}
+
+/// Polls, without consuming anything (so the server sees a client that does not read),
+/// until the bytes waiting on `tcp` satisfy `enough`; returns when that was seen.
+pub fn wait_for_buffered(
+    tcp: &TcpStream,
+    what: &str,
+    mut enough: impl FnMut(&[u8]) -> bool,
+) -> Instant {
+    let mut buf = vec![0u8; 64 << 10];
+    tcp.set_nonblocking(true).unwrap();
+    wait_within(what, Duration::from_secs(10), || match tcp.peek(&mut buf) {
+        Ok(n) if enough(&buf[..n]) => true,
+        Ok(0) => panic!("{what}: the connection ended first"),
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("{what}: {e}"),
+    });
+    let seen = Instant::now();
+    tcp.set_nonblocking(false).unwrap();
+    seen
+}
