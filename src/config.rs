@@ -655,7 +655,10 @@ mod corpus {
                 continue;
             };
             if let Err(message) = parse_duration(text) {
-                assert!(message.starts_with("invalid duration"), "{text:?}: {message}");
+                assert!(
+                    message.starts_with("invalid duration"),
+                    "{text:?}: {message}"
+                );
             }
             if let Err(message) = parse_size(text) {
                 assert!(message.starts_with("invalid size"), "{text:?}: {message}");
