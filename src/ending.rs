@@ -188,6 +188,15 @@ pub fn violation_reason(code: CloseCode) -> &'static str {
     }
 }
 
+/// Whether `frame` is not what the peer sent but tungstenite's stand-in for a Close whose
+/// code must not be sent (1005, 1006, 999...): tungstenite answers those with 1002
+/// "Protocol violation" and hands that frame on, so the violation is ours to count.
+pub fn is_rewritten_close(frame: &Option<CloseFrame>) -> bool {
+    frame.as_ref().is_some_and(|frame| {
+        frame.code == CloseCode::Protocol && frame.reason.as_str() == "Protocol violation"
+    })
+}
+
 /// How a log line tells a received Close frame: `close 1001 "server shutting down"`.
 pub fn describe_close(frame: &Option<CloseFrame>) -> String {
     match frame {

@@ -168,13 +168,21 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
             // tungstenite queues the pong and sends it before the next read.
             Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
             Err(WsError::Io(error)) if net::is_timeout(&error) => {}
+            // Our shutdown Close went first: whatever ends the connection now (the peer's
+            // reply, or the abort after the shutdown timeout) ends it for the shutdown.
+            Err(_) if context.shutdown.is_requested() => {
+                return Ending::sent_close(
+                    Reason::Shutdown,
+                    CloseCode::Away,
+                    "server shutting down",
+                )
+            }
             Err(WsError::ConnectionClosed) => {
                 return match peer_close {
-                    // Our shutdown Close went first; the peer's frame is its reply.
-                    _ if context.shutdown.is_requested() => Ending::sent_close(
-                        Reason::Shutdown,
-                        CloseCode::Away,
-                        "server shutting down",
+                    Some(frame) if ending::is_rewritten_close(&frame) => Ending::sent_close(
+                        Reason::ProtocolError,
+                        CloseCode::Protocol,
+                        "close frame with a code that must not be sent",
                     ),
                     Some(frame) => Ending::peer_close(&frame),
                     None => Ending::new(Reason::Eof, "connection closed"),

@@ -21,6 +21,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::config::ServerConfig;
+use crate::ending::Reason;
 use crate::error::{Error, Result};
 use crate::frame::close_frame;
 use crate::metrics::{Metrics, MetricsServer};
@@ -56,6 +57,7 @@ pub struct Server {
 pub struct ServerState {
     registry: Registry,
     threads: Arc<AtomicUsize>,
+    metrics: Metrics,
 }
 
 impl ServerState {
@@ -73,6 +75,16 @@ impl ServerState {
     /// connections still finishing their close.
     pub fn connection_threads(&self) -> usize {
         self.threads.load(Ordering::SeqCst)
+    }
+
+    /// Connections that ended for `reason` with Close `code` so far (what
+    /// `websocket_connections_closed_total` says; readable after the server has stopped).
+    pub fn closed(&self, reason: Reason, code: Option<u16>) -> u64 {
+        let code = code.map_or_else(|| "none".to_owned(), |code| code.to_string());
+        self.metrics
+            .connections_closed
+            .with_label_values(&[reason.label(), &code])
+            .get()
     }
 }
 
@@ -94,6 +106,7 @@ impl Server {
             state: ServerState {
                 registry: Registry::new(&metrics),
                 threads: Arc::default(),
+                metrics: metrics.clone(),
             },
             metrics,
             config,
@@ -125,7 +138,9 @@ impl Server {
             metrics_listener,
             metrics_addr,
             metrics,
-            state: ServerState { registry, threads },
+            state: ServerState {
+                registry, threads, ..
+            },
         } = self;
         let capacity = Capacity::detect(
             config

@@ -101,19 +101,22 @@ impl TestServer {
     /// other connection thread is left (a closing one, say); then the gauge must agree.
     pub fn wait_settled(&self, n: usize) {
         let state = &self.state;
-        support::wait_until(
-            &format!(
-                "{n} connections and threads are left (now {} connections, {} handshakes, {} threads)",
+        let settled = || {
+            state.connections() == n && state.handshakes() == 0 && state.connection_threads() == n
+        };
+        let deadline = Instant::now() + patience();
+        while !settled() {
+            assert!(
+                Instant::now() < deadline,
+                "{n} connections and threads were not left within {:?}: {} connections, {} \
+                 handshakes, {} threads",
+                patience(),
                 state.connections(),
                 state.handshakes(),
                 state.connection_threads()
-            ),
-            || {
-                state.connections() == n
-                    && state.handshakes() == 0
-                    && state.connection_threads() == n
-            },
-        );
+            );
+            thread::sleep(Duration::from_millis(5)); // polling interval
+        }
         assert_eq!(self.metric("websocket_connections"), n as f64);
     }
 

@@ -456,13 +456,6 @@ fn violation_reason(code: u16) -> &'static str {
     }
 }
 
-/// BUG (library): tungstenite hands the server a Close whose code may not be sent (1005,
-/// 999) already rewritten to 1002, so src/server/connection.rs counts it as the peer's
-/// Close 1002 (`peer_close`, and logs `close 1002 "Protocol violation"` as the peer's),
-/// although it is a violation the server answered with 1002 (`protocol_error`). The Close
-/// on the wire is right; these cases pin the label as it is today.
-const MISLABELLED: [&str; 2] = ["a Close with code 1005", "a Close with code 999"];
-
 #[test]
 fn protocol_violations_get_their_close_code_then_tcp_closes() {
     let server = TestServer::start(&["--max-frame-size", "64KiB"]);
@@ -549,11 +542,7 @@ fn protocol_violations_get_their_close_code_then_tcp_closes() {
         );
         drop(tcp);
         server.wait_settled(1);
-        let reason = if MISLABELLED.contains(what) {
-            "peer_close"
-        } else {
-            violation_reason(*code)
-        };
+        let reason = violation_reason(*code);
         let count = counted.entry((reason, *code)).or_default();
         *count += 1.0;
         assert_eq!(

@@ -15,6 +15,8 @@ use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Error as WsError, Message};
 
+use websocket_test::ending::Reason;
+
 use crate::harness::TestServer;
 use crate::support::{
     self, assert_closed, assert_echo, assert_serves, binary_payload, close_normally, describe,
@@ -343,6 +345,7 @@ fn shutdown_closes_every_connection_with_1001_and_returns_once_they_answer() {
         ),
         (0, 0, 0)
     );
+    assert_eq!(state.closed(Reason::Shutdown, Some(1001)), 3);
 }
 
 /// Regression: during shutdown `Server::run` once kept `registry.entries()` (which hold
@@ -391,6 +394,8 @@ fn a_silent_client_holds_shutdown_for_the_shutdown_timeout_with_readyz_503() {
     support::wait_until("the aborted connection's thread ends", || {
         state.connections() == 0 && state.connection_threads() == 0
     });
+    // Given up on, it still ended for the shutdown, with the 1001 we sent.
+    assert_eq!(state.closed(Reason::Shutdown, Some(1001)), 1);
     // The Close frame did go out; it has been waiting in the client's receive buffer.
     assert_eq!(read_close(&mut silent).code, CloseCode::Away);
 }
