@@ -22,10 +22,9 @@ use tungstenite::Message;
 use crate::harness::TestServer;
 use crate::support::{
     self, assert_echo, assert_serves, close_normally, patience, scaled, wait_for_buffered, Ws,
+    TIMER_SLACK,
 };
 
-/// Slack for timers that wake a little early (granularity), taken off lower bounds.
-const TIMER_SLACK: Duration = Duration::from_millis(20);
 /// Slack on top of a configured interval for an upper bound (scaled where it is used).
 const SLACK: Duration = Duration::from_secs(3);
 

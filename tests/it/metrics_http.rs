@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use websocket_test::http::{self, Response, QUEUE, REQUEST_TIMEOUT, WORKERS};
 
-use crate::support::{self, Server, PATIENCE};
+use crate::support::{self, patience, Server};
 
 /// Silent connections opened by the flood test: more than the workers and the queue hold.
 const FLOOD: usize = 200;
@@ -123,7 +123,7 @@ fn a_request_split_over_several_writes_is_served() {
     let server = Server::start(&[]);
     let mut tcp = TcpStream::connect(server.metrics).unwrap();
     tcp.set_nodelay(true).unwrap();
-    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    tcp.set_read_timeout(Some(patience())).unwrap();
     for piece in [
         "GE",
         "T /heal",
@@ -267,7 +267,7 @@ fn stop_wakes_a_worker_waiting_on_a_silent_socket() {
         took < REQUEST_TIMEOUT / 2,
         "stop took {took:?} with a silent socket open"
     );
-    assert!(wait_closed(&mut silent, Instant::now() + PATIENCE).is_ok());
+    assert!(wait_closed(&mut silent, Instant::now() + patience()).is_ok());
     assert!(TcpStream::connect(addr).is_err(), "still listening");
 }
 

@@ -3,7 +3,7 @@
 //! a bad value came from), and their log lines keep one format.
 //!
 //! These tests are about process output, so they wait for log lines; every wait has a
-//! deadline of [`PATIENCE`] times `WEBSOCKET_TEST_TIME_SCALE` (default 1).
+//! deadline of [`patience`] (10 s times `WEBSOCKET_TEST_TIME_SCALE`).
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -14,20 +14,10 @@ use std::time::{Duration, Instant};
 
 use tungstenite::Message;
 
-use crate::support::{self, address_after, Proc, PATIENCE};
+use crate::support::{self, address_after, patience, Proc};
 
 /// The flags that put a server on free loopback ports.
 const FREE: [&str; 6] = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"];
-
-/// [`PATIENCE`] stretched by `WEBSOCKET_TEST_TIME_SCALE` for slow machines.
-fn patience() -> Duration {
-    let scale = std::env::var("WEBSOCKET_TEST_TIME_SCALE")
-        .ok()
-        .and_then(|scale| scale.parse::<u32>().ok())
-        .filter(|&scale| scale > 0)
-        .unwrap_or(1);
-    PATIENCE * scale
-}
 
 fn binary(bin: &str) -> &'static str {
     match bin {

@@ -20,11 +20,9 @@ use websocket_test::ending::Reason;
 use crate::harness::TestServer;
 use crate::support::{
     self, assert_closed, assert_echo, assert_serves, binary_payload, close_normally, describe,
-    patience, read_close, scaled, Ws, SAMPLE_KEY,
+    patience, read_close, scaled, Ws, SAMPLE_KEY, TIMER_SLACK,
 };
 
-/// Slack for timers that wake a little early (granularity), taken off lower bounds.
-const TIMER_SLACK: Duration = Duration::from_millis(20);
 /// After the shutdown timeout, how long the server waits for the connections it aborted
 /// (`ABORT_GRACE` in src/server/mod.rs).
 const ABORT_GRACE: Duration = Duration::from_secs(1);

@@ -16,9 +16,6 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Error as WsError, Message, WebSocket};
 
-/// Generous upper bound for things that normally take milliseconds.
-pub const PATIENCE: Duration = Duration::from_secs(10);
-
 /// The multiplier for every deadline: `WEBSOCKET_TEST_TIME_SCALE` (default 1). A slow or
 /// loaded machine raises it; lower bounds (nothing may happen before a timeout) stay as
 /// they are.
@@ -35,6 +32,10 @@ pub fn time_scale() -> f64 {
         Err(_) => 1.0,
     })
 }
+
+/// How early a timer may seem to fire, measured from outside (clock reads on either side
+/// of it): lower bounds allow this much.
+pub const TIMER_SLACK: Duration = Duration::from_millis(20);
 
 /// `duration` stretched by [`time_scale`].
 pub fn scaled(duration: Duration) -> Duration {
@@ -222,7 +223,7 @@ impl Server {
 
     /// Waits until `websocket_connections` equals `n`.
     pub fn wait_for_gauge(&self, n: i64) {
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + patience();
         loop {
             let value = self.metric("websocket_connections");
             if value == n as f64 {
@@ -380,7 +381,7 @@ pub fn close_normally(mut ws: Ws) {
 /// Sends raw bytes to `addr` and returns everything received until the peer closes.
 pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    tcp.set_read_timeout(Some(patience())).unwrap();
     tcp.write_all(request).unwrap();
     let mut response = Vec::new();
     let _ = tcp.read_to_end(&mut response);
@@ -459,8 +460,8 @@ impl Server {
         let mut args = vec!["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"];
         args.extend_from_slice(extra);
         let proc = Proc::start_with_env("server", &args, env);
-        let addr = address_after(&proc.wait_for("Listening on ws://", PATIENCE), "ws://");
-        let metrics = address_after(&proc.wait_for("Metrics on http://", PATIENCE), "http://");
+        let addr = address_after(&proc.wait_for("Listening on ws://", patience()), "ws://");
+        let metrics = address_after(&proc.wait_for("Metrics on http://", patience()), "http://");
         Server {
             proc,
             addr,
@@ -490,9 +491,9 @@ pub fn upgrade_request() -> String {
 }
 
 /// Sends [`upgrade_request`] on a connected socket and reads the 101 head byte by byte (so
-/// nothing after it is consumed); returns the socket with a read timeout of [`PATIENCE`].
+/// nothing after it is consumed); returns the socket with a read timeout of [`patience`].
 pub fn upgrade_on(mut tcp: TcpStream) -> TcpStream {
-    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    tcp.set_read_timeout(Some(patience())).unwrap();
     tcp.write_all(upgrade_request().as_bytes()).unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
