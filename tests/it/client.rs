@@ -16,16 +16,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Error as WsError, Message, WebSocket};
 use websocket_test::client::{ClientStats, Counter, CLOSE_TIMEOUT};
 use websocket_test::config::parse_duration;
 use websocket_test::ending::Reason;
-use websocket_test::server::ServerState;
-use websocket_test::shutdown::{self, Trigger};
-use websocket_test::{Server, ServerConfig};
 
 use crate::harness::{TestClient, TestServer, FAST};
 use crate::support::{self, patience, scaled};
@@ -390,68 +386,6 @@ fn serving_peer() -> Peer {
 // The real server again, on the same port
 // ----------------------------------------------------------------------------------------
 
-/// The real server on a given port, on a thread named `test-server-2`, stopped (triggered
-/// and joined) on drop. The harness's [`TestServer`] always takes a free port.
-struct ServerOnPort {
-    state: ServerState,
-    trigger: Option<Trigger>,
-    thread: Option<JoinHandle<websocket_test::Result<()>>>,
-}
-
-impl ServerOnPort {
-    /// Binds 127.0.0.1:`port`, retrying while the port is still taken.
-    fn start(port: u16) -> ServerOnPort {
-        let port = port.to_string();
-        let args = [
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--metrics-port",
-            "0",
-        ];
-        let config = ServerConfig::try_parse_from(args).unwrap();
-        let deadline = Instant::now() + patience();
-        let server = loop {
-            match Server::bind(config.clone()) {
-                Ok(server) => break server,
-                Err(error) => assert!(
-                    Instant::now() < deadline,
-                    "cannot bind 127.0.0.1:{port} again within {:?}: {error}",
-                    patience()
-                ),
-            }
-            thread::sleep(Duration::from_millis(10)); // polling interval
-        };
-        let state = server.state();
-        let (trigger, shutdown) = shutdown::channel();
-        let thread = thread::Builder::new()
-            .name("test-server-2".into())
-            .spawn(move || server.run(shutdown))
-            .unwrap();
-        ServerOnPort {
-            state,
-            trigger: Some(trigger),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for ServerOnPort {
-    fn drop(&mut self) {
-        drop(self.trigger.take());
-        if let Some(thread) = self.thread.take() {
-            match thread.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) if !thread::panicking() => panic!("test-server-2: {error}"),
-                Err(panic) if !thread::panicking() => std::panic::resume_unwind(panic),
-                _ => {}
-            }
-        }
-    }
-}
-
 // ----------------------------------------------------------------------------------------
 // Holding connections
 // ----------------------------------------------------------------------------------------
@@ -594,13 +528,13 @@ fn reconnects_to_a_restarted_server_after_the_delay() {
     wait_for(&client, "the client counts the server's Close", SOON, |s| {
         s.ended(Reason::PeerClose) == 1 && s.get(Counter::Losses) == 1
     });
-    let second = ServerOnPort::start(first.addr.port());
+    let second = TestServer::start_on(first.addr.port(), &[]);
     wait_for(&client, "the client reconnects", SOON, |s| {
         s.get(Counter::Connects) == 2 && s.connections_up() == 1
     });
     assert_not_before("reconnected", stopping, Instant::now(), reconnect_delay());
     support::wait_until("the second server registers the client", || {
-        second.state.connections() == 1
+        second.state().connections() == 1
     });
 
     client.wait_stopped(STOP_LIMIT);

@@ -31,19 +31,36 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server on 127.0.0.1 with free ports and `flags` (as on the command line).
     pub fn start(flags: &[&str]) -> TestServer {
+        Self::start_on(0, flags)
+    }
+
+    /// Like [`start`](Self::start) on WebSocket port `port`, retrying while it is still
+    /// taken (by a server just stopped, say).
+    pub fn start_on(port: u16, flags: &[&str]) -> TestServer {
+        let port = port.to_string();
         let mut args = vec![
             "server",
             "--host",
             "127.0.0.1",
             "--port",
-            "0",
+            &port,
             "--metrics-port",
             "0",
         ];
         args.extend_from_slice(flags);
         let config =
             ServerConfig::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        let server = Server::bind(config).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let deadline = Instant::now() + patience();
+        let server = loop {
+            match Server::bind(config.clone()) {
+                Ok(server) => break server,
+                Err(error) => assert!(
+                    port != "0" && Instant::now() < deadline,
+                    "{args:?}: {error}"
+                ),
+            }
+            thread::sleep(Duration::from_millis(10)); // polling interval
+        };
         let (addr, metrics, state) = (server.local_addr(), server.metrics_addr(), server.state());
         let runner = Runner::start("test-server", move |shutdown| {
             server.run(shutdown).map_err(|e| e.to_string())
