@@ -9,15 +9,18 @@
 //! socket read timeouts. Thread names show in `gdb`, `top -H` and `/proc/PID/task/*/comm`.
 //! Run with `--log-level debug` to see every message.
 //!
-//! Codemap:
+//! Codemap (public modules are what the binaries, the fuzz targets and the tests use):
 //! - [`config`]: flags, environment twins, defaults, duration and size parsing.
 //! - [`server`]: accept loop, opening handshake, echo threads, connection registry.
-//! - [`client`]: connection threads: connect, ping, status, reconnect.
-//! - [`stream`]: the socket shared between a connection's thread and shutdown.
-//! - [`metrics`]: the Prometheus registry and the routes of the metrics port.
+//! - [`client`]: connection threads: connect, ping, status, reconnect; their counters.
+//! - [`ending`]: how a connection ended, the words both sides log and count it with.
+//! - `stream`: the socket shared between a connection's thread and shutdown.
+//! - `frame`: the Close frames written from outside a connection's thread.
+//! - `metrics`: the Prometheus registry and the routes of the metrics port.
 //! - [`http`]: the metrics port's HTTP endpoint: bounded, named threads, a deadline per request.
 //! - [`logger`]: the binaries' stdout logger (a failed write drops the line, never panics).
-//! - [`shutdown`], [`net`], [`error`]: signalling, socket set-up, errors.
+//! - `threads`: named helper threads that a drop stops and joins.
+//! - [`shutdown`], `net`, [`error`]: signalling, socket set-up, errors.
 //!
 //! Invariants: `websocket_connections` equals the number of entries in the server's
 //! registry at every moment (both change under one lock); after our Close frame nothing
@@ -30,11 +33,11 @@ pub mod error;
 mod frame;
 pub mod http;
 pub mod logger;
-pub mod metrics;
-pub mod net;
+mod metrics;
+mod net;
 pub mod server;
 pub mod shutdown;
-pub mod stream;
+mod stream;
 mod threads;
 
 pub use config::{ClientConfig, ServerConfig};

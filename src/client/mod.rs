@@ -3,7 +3,7 @@
 
 mod connection;
 mod handshake;
-pub mod load;
+mod load;
 mod stats;
 
 use std::sync::{Arc, Mutex};

@@ -6,7 +6,7 @@
 //! shutdown and then drains the connections.
 
 mod acceptor;
-pub mod capacity;
+mod capacity;
 mod connection;
 pub mod handshake;
 mod registry;

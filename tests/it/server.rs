@@ -37,7 +37,12 @@ fn body(response: &str) -> &str {
 fn assert_ended(ws: &mut Ws, what: &str) {
     match ws.read() {
         Err(WsError::ConnectionClosed) => {}
-        Err(WsError::Io(e)) if websocket_test::net::is_timeout(&e) => {
+        Err(WsError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
             panic!("{what}: the connection stayed open for {:?}", patience())
         }
         Ok(message) => panic!("{what}: expected the end, got {}", describe(&message)),
