@@ -229,11 +229,7 @@ pub fn write_timed_out() -> io::Error {
 }
 
 fn is_write_timeout(error: &io::Error) -> bool {
-    error.get_ref().is_some_and(
-        <dyn std::error::Error + std::marker::Send + std::marker::Sync + 'static>::is::<
-            WriteTimedOut,
-        >,
-    )
+    matches!(error.get_ref(), Some(inner) if inner.is::<WriteTimedOut>())
 }
 
 #[cfg(test)]

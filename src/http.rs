@@ -11,14 +11,14 @@
 use std::io::{self, Write};
 use std::net::{Shutdown as Direction, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender, TrySendError};
 use log::{debug, error};
 
 use crate::net;
-use crate::shutdown::{self, Shutdown, Trigger};
+use crate::shutdown::Shutdown;
+use crate::threads::Helpers;
 
 /// Worker threads that read and answer requests.
 pub const WORKERS: usize = 4;
@@ -34,8 +34,6 @@ const MAX_HEADERS: usize = 64;
 const LAST_CHANCE: Duration = Duration::from_millis(10);
 /// Backoff bounds after a failed `accept` (EMFILE and friends repeat until a socket closes).
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
-/// How long [`Endpoint::stop`] keeps connecting to the listener to wake the accept thread.
-const WAKE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Maps a request path (without its query string) to the response.
 pub type Handler = Arc<dyn Fn(&str) -> Response + Send + Sync>;
@@ -88,18 +86,12 @@ impl Response {
     }
 }
 
-/// A running endpoint. [`stop`](Endpoint::stop) or drop it to stop serving.
+/// A running endpoint. [`stop`](Endpoint::stop) or drop it to stop serving: the accept
+/// thread is woken by a connect to itself, a worker blocked in `read` by a shutdown of its
+/// socket (a response being written is finished), the queued sockets are closed, and every
+/// thread is joined, re-raising a panic of any of them.
 pub struct Endpoint {
-    addr: SocketAddr,
-    stop: Option<Trigger>,
-    acceptor: Option<JoinHandle<()>>,
-    workers: Vec<Worker>,
-}
-
-struct Worker {
-    thread: JoinHandle<()>,
-    /// A clone of the socket being served, so a stop can wake a worker blocked in `read`.
-    current: Arc<Mutex<Option<TcpStream>>>,
+    helpers: Helpers,
 }
 
 /// One accepted socket on its way to a worker.
@@ -112,17 +104,13 @@ struct Job {
 /// Serves `handler` on `listener` from a `metrics-http` accept thread and [`WORKERS`]
 /// worker threads. If a thread cannot start, those already started are stopped.
 pub fn serve(listener: TcpListener, handler: Handler) -> io::Result<Endpoint> {
-    let (trigger, stopping) = shutdown::channel();
+    let mut helpers = Helpers::new();
+    let stopping = helpers.shutdown().clone();
     let (queue, jobs) = crossbeam_channel::bounded(QUEUE);
-    let mut endpoint = Endpoint {
-        addr: listener.local_addr()?,
-        stop: Some(trigger),
-        acceptor: None,
-        workers: Vec::with_capacity(WORKERS),
-    };
     for n in 1..=WORKERS {
-        let current = Arc::new(Mutex::new(None));
-        let thread = thread::Builder::new().name(format!("metrics-{n}")).spawn({
+        // A clone of the socket being served, so a stop can wake a worker blocked in `read`.
+        let current = Arc::new(Mutex::new(None::<TcpStream>));
+        let work = {
             let (jobs, stopping, current, handler) = (
                 jobs.clone(),
                 stopping.clone(),
@@ -130,61 +118,28 @@ pub fn serve(listener: TcpListener, handler: Handler) -> io::Result<Endpoint> {
                 handler.clone(),
             );
             move || work(&jobs, &stopping, &current, &*handler)
-        })?;
-        endpoint.workers.push(Worker { thread, current });
+        };
+        let wake = move || {
+            if let Some(tcp) = lock(&current).as_ref() {
+                let _ = tcp.shutdown(Direction::Read);
+            }
+        };
+        helpers.spawn_woken(&format!("metrics-{n}"), work, wake)?;
     }
-    let acceptor = thread::Builder::new()
-        .name("metrics-http".into())
-        .spawn(move || accept_loop(&listener, &queue, &stopping))?;
-    endpoint.acceptor = Some(acceptor);
-    Ok(endpoint)
+    let addr = listener.local_addr()?;
+    helpers.spawn_woken(
+        "metrics-http",
+        move || accept_loop(&listener, &queue, &stopping),
+        // A wake-up connect can fail (a full backlog): it is retried.
+        move || net::wake_acceptor(addr),
+    )?;
+    Ok(Endpoint { helpers })
 }
 
 impl Endpoint {
-    /// Stops accepting, wakes the workers blocked in `read` (a response being written is
-    /// finished), closes the queued sockets and joins every thread, re-raising a panic of
-    /// any of them. Dropping the endpoint does the same.
-    pub fn stop(mut self) {
-        if let Some(panic) = self.halt() {
-            std::panic::resume_unwind(panic);
-        }
-    }
-
-    fn halt(&mut self) -> Option<Box<dyn std::any::Any + Send>> {
-        // Set the flag before the sweep: a worker registers its socket and then checks the
-        // flag, so either it sees the flag or the sweep sees its socket.
-        drop(self.stop.take()?);
-        for worker in &self.workers {
-            if let Some(tcp) = lock(&worker.current).as_ref() {
-                let _ = tcp.shutdown(Direction::Read);
-            }
-        }
-        let mut panic = None;
-        if let Some(acceptor) = self.acceptor.take() {
-            // A wake-up connect can fail (a full backlog): retry until the acceptor sees one.
-            let deadline = Instant::now() + WAKE_PATIENCE;
-            while !acceptor.is_finished() && Instant::now() < deadline {
-                net::wake_acceptor(self.addr);
-                let _ = crossbeam_channel::after(Duration::from_millis(20)).recv();
-            }
-            panic = acceptor.join().err();
-        }
-        for worker in self.workers.drain(..) {
-            if let Err(worker_panic) = worker.thread.join() {
-                panic.get_or_insert(worker_panic);
-            }
-        }
-        panic
-    }
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        if let Some(panic) = self.halt() {
-            if !thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
-        }
+    /// Stops serving and joins every thread (what dropping the endpoint does).
+    pub fn stop(self) {
+        self.helpers.stop();
     }
 }
 
