@@ -7,7 +7,9 @@
 //! from.
 
 use std::ffi::OsString;
-use std::net::{IpAddr, ToSocketAddrs};
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Command, Parser};
@@ -98,12 +100,34 @@ pub struct ServerConfig {
     #[arg(long, env = "WEBSOCKET_TEST_IDLE_TIMEOUT", value_parser = parse_interval)]
     pub idle_timeout: Option<Duration>,
 
+    /// Serve wss:// with this certificate chain (PEM); the file is re-read when it changes
+    /// (new connections get the new certificate) [default: plain ws://]
+    #[arg(long, env = "WEBSOCKET_TEST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1)
+    #[arg(long, env = "WEBSOCKET_TEST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates issued by this CA (PEM): mutual TLS
+    #[arg(long, env = "WEBSOCKET_TEST_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Log level: off, error, warn, info, debug or trace
     #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: LevelFilter,
 }
 
 impl ServerConfig {
+    /// `ws` or `wss`, as the server is configured.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls_cert.is_some() {
+            "wss"
+        } else {
+            "ws"
+        }
+    }
+
     /// The idle timeout in force: the flag, else twice the server ping interval, else none.
     pub fn effective_idle_timeout(&self) -> Option<Duration> {
         self.idle_timeout
@@ -123,8 +147,14 @@ impl ServerConfig {
                   Durations are written like 15s, 1m30s, 1.5s or 250ms; a bare number is seconds."
 )]
 pub struct ClientConfig {
-    /// Server host name or IP address
-    #[arg(long, env = "WEBSOCKET_TEST_HOST", default_value = "localhost")]
+    /// Server URL, `ws://HOST[:PORT]/PATH[?QUERY]` or `wss://...`: instead of --host, --port,
+    /// --path and --tls
+    #[arg(long, env = "WEBSOCKET_TEST_URL", value_parser = parse_url,
+          conflicts_with_all = ["host", "port", "path", "tls"])]
+    pub url: Option<Target>,
+
+    /// Server host name or IP address (no scheme, port or path: see --url)
+    #[arg(long, env = "WEBSOCKET_TEST_HOST", default_value = "localhost", value_parser = parse_client_host)]
     pub host: String,
 
     /// Server port
@@ -134,6 +164,37 @@ pub struct ClientConfig {
     /// Path of the WebSocket endpoint
     #[arg(long, env = "WEBSOCKET_TEST_PATH", default_value = DEFAULT_PATH, value_parser = parse_path)]
     pub path: String,
+
+    /// Connect with TLS (wss://)
+    #[arg(long, env = "WEBSOCKET_TEST_TLS")]
+    pub tls: bool,
+
+    /// wss: also trust the CA certificates in this PEM file (repeatable; the built-in
+    /// Mozilla roots stay trusted unless --no-builtin-roots)
+    #[arg(long, env = "WEBSOCKET_TEST_CA_FILE", value_delimiter = ',')]
+    pub ca_file: Vec<PathBuf>,
+
+    /// wss: trust only the --ca-file certificates
+    #[arg(long, env = "WEBSOCKET_TEST_NO_BUILTIN_ROOTS", requires = "ca_file")]
+    pub no_builtin_roots: bool,
+
+    /// wss: present this client certificate chain (PEM) for mutual TLS
+    #[arg(long, env = "WEBSOCKET_TEST_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+
+    /// wss: the private key of --client-cert (PEM)
+    #[arg(long, env = "WEBSOCKET_TEST_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+
+    /// wss: the name sent as SNI and checked in the server's certificate [default: the
+    /// host], for connecting by IP address or through a tunnel
+    #[arg(long, env = "WEBSOCKET_TEST_TLS_SERVER_NAME", value_parser = parse_client_host)]
+    pub tls_server_name: Option<String>,
+
+    /// wss: accept any server certificate (the connection is encrypted, not authenticated;
+    /// logged at WARN on every connect)
+    #[arg(long, env = "WEBSOCKET_TEST_INSECURE")]
+    pub insecure: bool,
 
     /// Number of connections to hold, each on its own thread
     #[arg(long, env = "WEBSOCKET_TEST_CONNECTIONS", default_value_t = 1,
@@ -194,19 +255,146 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// The URL the client connects to, e.g. `ws://localhost:3003/ws` or `ws://[::1]:3003/ws`.
-    pub fn url(&self) -> String {
-        format!("ws://{}{}", self.host_port(), self.path)
+    /// Where to connect: `--url`, or `--host`, `--port`, `--path` and `--tls`.
+    pub fn target(&self) -> Target {
+        self.url.clone().unwrap_or_else(|| Target {
+            tls: self.tls,
+            host: self
+                .host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port: self.port,
+            path: self.path.clone(),
+        })
     }
 
-    /// `HOST:PORT` as the Host header wants it, with brackets around an IPv6 address.
-    pub fn host_port(&self) -> String {
-        if self.host.contains(':') && !self.host.starts_with('[') {
-            format!("[{}]:{}", self.host, self.port)
+    /// Whether any TLS-only flag is given.
+    pub fn has_tls_options(&self) -> bool {
+        !self.ca_file.is_empty()
+            || self.client_cert.is_some()
+            || self.tls_server_name.is_some()
+            || self.insecure
+    }
+}
+
+/// Where the client connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `wss://` rather than `ws://`.
+    pub tls: bool,
+    /// Host name or IP address, without brackets.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Path and query, e.g. `/ws?room=1`.
+    pub path: String,
+}
+
+impl Target {
+    /// `HOST[:PORT]` as the Host header wants it: brackets around an IPv6 address, and the
+    /// port left out when it is the scheme's default, as browsers do.
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
         } else {
-            format!("{}:{}", self.host, self.port)
+            self.host.clone()
+        };
+        let default_port = if self.tls { 443 } else { 80 };
+        if self.port == default_port {
+            host
+        } else {
+            format!("{host}:{}", self.port)
         }
     }
+}
+
+impl fmt::Display for Target {
+    /// The URL, e.g. `wss://example.com/ws` or `ws://[::1]:3003/ws`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        write!(f, "{scheme}://{}{}", self.authority(), self.path)
+    }
+}
+
+/// Parses `ws://HOST[:PORT]/PATH[?QUERY]` or `wss://...` (port 80 or 443 when left out).
+pub fn parse_url(text: &str) -> Result<Target, String> {
+    let invalid = |why: &str| format!("invalid URL {text:?}: {why}");
+    let (tls, rest) = if let Some(rest) = text.strip_prefix("wss://") {
+        (true, rest)
+    } else if let Some(rest) = text.strip_prefix("ws://") {
+        (false, rest)
+    } else if text.starts_with("http://") || text.starts_with("https://") {
+        return Err(invalid("use ws:// or wss:// (the WebSocket schemes)"));
+    } else {
+        return Err(invalid("expected ws://HOST[:PORT]/PATH or wss://..."));
+    };
+    if text.contains(char::is_whitespace) || text.contains('#') {
+        return Err(invalid("no spaces or fragments (#) allowed"));
+    }
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(split);
+    if authority.contains('@') {
+        return Err(invalid("user names and passwords in the URL are not supported (use --header 'Authorization: ...')"));
+    }
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| invalid("an IPv6 address needs its closing ']'"))?;
+        host.parse::<Ipv6Addr>()
+            .map_err(|_| invalid("not an IPv6 address between the brackets"))?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(invalid("no host"));
+    }
+    let port = match port {
+        Some(port) => port
+            .parse()
+            .map_err(|_| invalid("the port must be a number from 0 to 65535"))?,
+        None if tls => 443,
+        None => 80,
+    };
+    let path = match path {
+        "" => "/".to_owned(),
+        query if query.starts_with('?') => format!("/{query}"),
+        path => path.to_owned(),
+    };
+    Ok(Target {
+        tls,
+        host: host.to_owned(),
+        port,
+        path,
+    })
+}
+
+/// A host for the client: a name or an address, nothing more.
+fn parse_client_host(text: &str) -> Result<String, String> {
+    let hint = |what: &str| {
+        format!("invalid host {text:?}: {what}; use --url ws://HOST:PORT/PATH (or wss://) to give a whole URL")
+    };
+    if text.contains("://") {
+        return Err(hint("a host has no scheme"));
+    }
+    if text.contains(['/', '?', '#', '@']) || text.contains(char::is_whitespace) {
+        return Err(hint("a host has no path, query or spaces"));
+    }
+    let unbracketed = text
+        .strip_prefix('[')
+        .and_then(|inner| inner.strip_suffix(']'))
+        .unwrap_or(text);
+    if unbracketed.contains(':') && unbracketed.parse::<Ipv6Addr>().is_err() {
+        return Err(hint("a host has no port (use --port)"));
+    }
+    if unbracketed.is_empty() {
+        return Err(hint("empty"));
+    }
+    Ok(text.to_owned())
 }
 
 /// Parses a duration as Go writes them, `250ms`, `15s`, `1m30s`, `1.5s`, `2h`, `300us`
@@ -584,11 +772,76 @@ mod tests {
     }
 
     #[test]
+    fn targets_from_host_port_path_and_tls() {
+        let target = |args: &[&str]| {
+            let mut all = vec!["client"];
+            all.extend_from_slice(args);
+            ClientConfig::try_parse_from(all).map(|c| c.target().to_string())
+        };
+        assert_eq!(target(&[]).unwrap(), "ws://localhost:3003/ws");
+        assert_eq!(target(&["--host", "::1"]).unwrap(), "ws://[::1]:3003/ws");
+        assert_eq!(target(&["--host", "[::1]"]).unwrap(), "ws://[::1]:3003/ws");
+        assert_eq!(
+            target(&["--tls", "--port", "443", "--host", "lb.example.com"]).unwrap(),
+            "wss://lb.example.com/ws"
+        );
+        assert_eq!(
+            target(&["--url", "wss://lb.example.com:8443/echo?x=1"]).unwrap(),
+            "wss://lb.example.com:8443/echo?x=1"
+        );
+        // --url and the parts it replaces cannot both be given.
+        for extra in [["--host", "x"], ["--port", "1"], ["--path", "/p"]] {
+            let mut args = vec!["--url", "ws://a/"];
+            args.extend_from_slice(&extra);
+            assert!(target(&args).is_err(), "{args:?}");
+        }
+        assert!(target(&["--url", "ws://a/", "--tls"]).is_err());
+    }
+
+    #[test]
     fn urls() {
-        let mut config = ClientConfig::parse_from(["client"]);
-        assert_eq!(config.url(), "ws://localhost:3003/ws");
-        config.host = "::1".into();
-        assert_eq!(config.url(), "ws://[::1]:3003/ws");
+        let parsed = |text| parse_url(text).map(|t| (t.tls, t.host, t.port, t.path));
+        assert_eq!(
+            parsed("ws://example.com"),
+            Ok((false, "example.com".into(), 80, "/".into()))
+        );
+        assert_eq!(
+            parsed("wss://example.com?room=1"),
+            Ok((true, "example.com".into(), 443, "/?room=1".into()))
+        );
+        assert_eq!(
+            parsed("ws://[::1]:3003/ws"),
+            Ok((false, "::1".into(), 3003, "/ws".into()))
+        );
+        for (bad, says) in [
+            ("http://example.com/ws", "ws:// or wss://"),
+            ("example.com/ws", "expected ws://"),
+            ("ws://:3003/ws", "no host"),
+            ("ws://host:99999/ws", "port"),
+            ("ws://[::1/ws", "']'"),
+            ("ws://user:pw@host/ws", "user names"),
+            ("ws://host/ws#x", "fragments"),
+        ] {
+            let error = parse_url(bad).unwrap_err();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn client_hosts_are_names_or_addresses_only() {
+        for good in ["localhost", "10.0.0.1", "::1", "[::1]", "lb.example.com"] {
+            assert!(parse_client_host(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "wss://lb.example.com",
+            "lb.example.com:443",
+            "lb.example.com/ws",
+            "",
+            "a b",
+        ] {
+            let error = parse_client_host(bad).unwrap_err();
+            assert!(error.contains("--url"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub enum Error {
     },
     /// Any other OS failure at start-up, such as a thread that could not be spawned.
     Io(io::Error),
+    /// A setting that cannot be used: a certificate file that does not load, flags that do
+    /// not fit together.
+    Setup(String),
 }
 
 impl fmt::Display for Error {
@@ -28,6 +31,7 @@ impl fmt::Display for Error {
         match self {
             Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             Error::Io(source) => write!(f, "{source}"),
+            Error::Setup(message) => f.write_str(message),
         }
     }
 }
@@ -36,6 +40,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Bind { source, .. } | Error::Io(source) => Some(source),
+            Error::Setup(_) => None,
         }
     }
 }

@@ -20,6 +20,7 @@
 //! - [`http`]: the metrics port's HTTP endpoint: bounded, named threads, a deadline per request.
 //! - [`logger`]: the binaries' stdout logger (a failed write drops the line, never panics).
 //! - `threads`: named helper threads that a drop stops and joins.
+//! - `tls`: rustls set-up for both sides: certificates, their reload, trust.
 //! - [`shutdown`], `net`, [`error`]: signalling, socket set-up, errors.
 //!
 //! Invariants: `websocket_connections` equals the number of entries in the server's
@@ -39,6 +40,7 @@ pub mod server;
 pub mod shutdown;
 mod stream;
 mod threads;
+mod tls;
 
 pub use config::{ClientConfig, ServerConfig};
 pub use error::{Error, Result};

@@ -48,12 +48,15 @@ pub fn is_timeout(error: &io::Error) -> bool {
     )
 }
 
-/// Reads more of an HTTP head from `tcp` straight into `buf`, growing it (from 1 KiB,
+/// Reads more of an HTTP head from `source` straight into `buf`, growing it (from 1 KiB,
 /// doubling) up to `max` bytes; a buffer on the stack would stay resident for the thread's
 /// whole life.
 /// Returns what `read` returned; `Ok(0)` also when `buf` is already full.
-pub fn read_head_chunk(tcp: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
-    use std::io::Read;
+pub fn read_head_chunk(
+    mut source: impl io::Read,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<usize> {
     let len = buf.len();
     if len >= max {
         return Ok(0);
@@ -62,7 +65,7 @@ pub fn read_head_chunk(tcp: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Re
         buf.reserve(1024);
     }
     buf.resize(buf.capacity().min(max), 0);
-    let read = (&*tcp).read(&mut buf[len..]);
+    let read = source.read(&mut buf[len..]);
     buf.truncate(len + *read.as_ref().unwrap_or(&0));
     read
 }

@@ -1,5 +1,5 @@
 //! A TCP stream shared between the thread that runs a WebSocket over it and the threads
-//! that may have to close it from outside (shutdown).
+//! that may have to close it from outside (shutdown), with or without TLS.
 //!
 //! A thread blocked in `read` on an idle connection cannot be asked to send anything, and
 //! polling would cost every idle connection CPU. Instead the stream keeps a small write lock:
@@ -7,39 +7,149 @@
 //! between two frames of the owner. The peer's Close reply then wakes the owner. After our
 //! Close has gone out, later writes are discarded: RFC 6455 §5.5.1 forbids sending anything
 //! after a Close frame, and tungstenite, which did not see ours, would answer the peer's.
+//!
+//! With TLS the same lock guards the rustls connection: the owner waits for ciphertext in
+//! `read` on the socket *without* the lock, then takes it briefly to decrypt; a writer on
+//! any thread encrypts and sends under it. So another thread can still send a Close to an
+//! idle wss connection whose owner sleeps in `read`, and an idle connection stays idle.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-/// The shared half: the socket and its write lock.
+/// Ciphertext read from the socket per system call (a TLS record is at most ~16 KiB).
+const TLS_READ_CHUNK: usize = 4096;
+
+/// The shared half: the socket, and under its lock the write state and the TLS session.
 #[derive(Debug)]
 pub struct SharedStream {
     tcp: TcpStream,
-    writer: Mutex<WriterState>,
+    inner: Mutex<Inner>,
 }
 
-#[derive(Debug, Default)]
-struct WriterState {
+#[derive(Debug)]
+struct Inner {
     /// Our Close frame has been written, or a write failed part-way: nothing more may go out.
     done: bool,
+    tls: Option<rustls::Connection>,
+    /// Ciphertext read from the socket that rustls could not take yet (its plaintext
+    /// buffer was full: a large message); empty, without an allocation, when idle.
+    pending: Vec<u8>,
 }
 
 impl SharedStream {
     /// Wraps a connected socket.
     pub fn new(tcp: TcpStream) -> Arc<Self> {
+        Self::wrap(tcp, None)
+    }
+
+    /// Wraps a connected socket whose bytes go through the TLS session `tls` (its
+    /// handshake not done yet: see [`tls_handshake`](Self::tls_handshake)).
+    pub fn with_tls(tcp: TcpStream, tls: impl Into<rustls::Connection>) -> Arc<Self> {
+        Self::wrap(tcp, Some(tls.into()))
+    }
+
+    fn wrap(tcp: TcpStream, tls: Option<rustls::Connection>) -> Arc<Self> {
         Arc::new(SharedStream {
             tcp,
-            writer: Mutex::new(WriterState::default()),
+            inner: Mutex::new(Inner {
+                done: false,
+                tls,
+                pending: Vec::new(),
+            }),
         })
     }
 
-    /// The underlying socket, for options and addresses.
+    /// The underlying socket, for options, timeouts and addresses.
     pub fn tcp(&self) -> &TcpStream {
         &self.tcp
+    }
+
+    /// Whether the stream is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.lock().tls.is_some()
+    }
+
+    /// Runs the TLS handshake (a no-op without TLS) within `deadline`; on a failure the
+    /// alert rustls prepared is sent before the error returns.
+    pub fn tls_handshake(&self, deadline: Instant) -> io::Result<()> {
+        loop {
+            {
+                let mut inner = self.lock();
+                let Some(tls) = inner.tls.as_mut() else {
+                    return Ok(());
+                };
+                flush_tls(tls, &self.tcp)?;
+                if !tls.is_handshaking() {
+                    return Ok(());
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                ));
+            }
+            self.tcp.set_read_timeout(Some(left))?;
+            if self.receive_tls()? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed during the TLS handshake",
+                ));
+            }
+        }
+    }
+
+    /// Reads plaintext: on the owner's thread only.
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut inner = self.lock();
+                let Inner { tls, pending, .. } = &mut *inner;
+                let Some(tls) = tls.as_mut() else {
+                    drop(inner);
+                    return (&self.tcp).read(buf);
+                };
+                feed_tls(tls, pending, &self.tcp)?;
+                match tls.reader().read(buf) {
+                    // No plaintext yet: wait for more ciphertext, without the lock.
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    // Ok(0) after the peer's close_notify; UnexpectedEof without one.
+                    other => return other,
+                }
+            }
+            self.receive_tls()?;
+        }
+    }
+
+    /// Reads one chunk of ciphertext from the socket (blocking, without the lock) and
+    /// hands it to rustls, which answers what needs answering (handshake, alerts).
+    /// Returns the number of bytes read: 0 at EOF.
+    fn receive_tls(&self) -> io::Result<usize> {
+        let mut raw = [0u8; TLS_READ_CHUNK];
+        let n = (&self.tcp).read(&mut raw)?;
+        let mut inner = self.lock();
+        let Inner { tls, pending, .. } = &mut *inner;
+        let tls = tls.as_mut().expect("a TLS stream");
+        if n == 0 {
+            // An empty read tells rustls about the EOF.
+            tls.read_tls(&mut &[][..])?;
+            process_tls(tls, &self.tcp)?;
+        } else {
+            pending.extend_from_slice(&raw[..n]);
+            feed_tls(tls, pending, &self.tcp)?;
+        }
+        Ok(n)
+    }
+
+    /// Writes `bytes` whole, outside the WebSocket framing (the HTTP upgrade).
+    pub fn write_all(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut inner = self.lock();
+        write_locked(&mut inner, &self.tcp, bytes)
     }
 
     /// Writes an encoded Close frame unless one already went out; waits for a
@@ -52,17 +162,35 @@ impl SharedStream {
     /// `None` instead of waiting when the owner is writing, and gives up after `timeout`
     /// when the peer's receive window is full (a peer that does not read).
     pub fn try_send_close(&self, frame: &[u8], timeout: Duration) -> Option<io::Result<bool>> {
-        let writer = match self.writer.try_lock() {
-            Ok(writer) => writer,
+        let inner = match self.inner.try_lock() {
+            Ok(inner) => inner,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => return None,
         };
         // Only the lock holder writes, so the owner never sees the shorter timeout.
         let owner_timeout = self.tcp.write_timeout().unwrap_or(None);
         let _ = self.tcp.set_write_timeout(Some(timeout));
-        let sent = Self::close_locked(&self.tcp, writer, frame);
+        let sent = Self::close_locked(&self.tcp, inner, frame);
         let _ = self.tcp.set_write_timeout(owner_timeout);
         Some(sent)
+    }
+
+    /// Ends the connection politely: TLS's close_notify (if encrypted), then a half-close
+    /// and a drain of what the peer still sends, for at most `linger` (see
+    /// [`net::close_gracefully`](crate::net::close_gracefully)).
+    pub fn close_gracefully(&self, linger: Duration) {
+        self.send_close_notify();
+        crate::net::close_gracefully(&self.tcp, linger);
+    }
+
+    /// Sends TLS's close_notify alert (a no-op without TLS), so the peer can tell our end
+    /// from a truncation.
+    pub fn send_close_notify(&self) {
+        let mut inner = self.lock();
+        if let Some(tls) = inner.tls.as_mut() {
+            tls.send_close_notify();
+            let _ = flush_tls(tls, &self.tcp);
+        }
     }
 
     /// Shuts the socket down in both directions: blocked reads and writes return at once.
@@ -72,22 +200,102 @@ impl SharedStream {
 
     fn close_locked(
         tcp: &TcpStream,
-        mut writer: MutexGuard<'_, WriterState>,
+        mut inner: MutexGuard<'_, Inner>,
         frame: &[u8],
     ) -> io::Result<bool> {
-        if writer.done {
+        if inner.done {
             return Ok(false);
         }
-        writer.done = true;
-        (&*tcp).write_all(frame)?;
+        inner.done = true;
+        write_locked(&mut inner, tcp, frame)?;
         Ok(true)
     }
 
-    fn lock(&self) -> MutexGuard<'_, WriterState> {
-        self.writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Reads plaintext, for the opening handshake: on the owner's thread only.
+impl Read for &SharedStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        SharedStream::read(self, buf)
+    }
+}
+
+/// Writes `bytes` whole: straight to the socket, or encrypted.
+fn write_locked(inner: &mut Inner, tcp: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+    match inner.tls.as_mut() {
+        None => (&*tcp).write_all(bytes),
+        Some(tls) => {
+            // rustls takes plaintext only while its outgoing buffer has room: encrypt and
+            // send in turns.
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                let taken = tls.writer().write(rest)?;
+                rest = &rest[taken..];
+                flush_tls(tls, tcp)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Hands rustls the ciphertext in `pending`, as far as it takes it (it stops while its
+/// plaintext buffer is full), processing each part.
+fn feed_tls(
+    tls: &mut rustls::Connection,
+    pending: &mut Vec<u8>,
+    tcp: &TcpStream,
+) -> io::Result<()> {
+    let mut fed = 0;
+    while fed < pending.len() && tls.wants_read() {
+        fed += tls.read_tls(&mut &pending[fed..])?;
+        process_tls(tls, tcp)?;
+    }
+    if fed == pending.len() {
+        // Give the memory back: an idle connection holds no buffer here.
+        *pending = Vec::new();
+    } else {
+        pending.drain(..fed);
+    }
+    Ok(())
+}
+
+/// Processes what rustls has received and sends what it answers; a protocol failure sends
+/// rustls's alert and becomes an `InvalidData` error carrying a [`TlsError`].
+fn process_tls(tls: &mut rustls::Connection, tcp: &TcpStream) -> io::Result<()> {
+    if let Err(error) = tls.process_new_packets() {
+        let _ = flush_tls(tls, tcp);
+        return Err(io::Error::new(io::ErrorKind::InvalidData, TlsError(error)));
+    }
+    flush_tls(tls, tcp)
+}
+
+/// Sends everything rustls has queued.
+fn flush_tls(tls: &mut rustls::Connection, tcp: &TcpStream) -> io::Result<()> {
+    while tls.wants_write() {
+        tls.write_tls(&mut &*tcp)?;
+    }
+    Ok(())
+}
+
+/// A TLS protocol failure (bad certificate, alert, garbage instead of a record), kept as
+/// the source of an `InvalidData` I/O error so callers can tell it apart.
+#[derive(Debug)]
+pub struct TlsError(pub rustls::Error);
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::tls::Explained(&self.0).fmt(f)
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+/// Whether `error` is a TLS protocol failure (see [`TlsError`]).
+pub fn is_tls_error(error: &io::Error) -> bool {
+    matches!(error.get_ref(), Some(inner) if inner.is::<TlsError>())
 }
 
 /// The owner's half, given to tungstenite: reads freely, writes whole buffers under the lock,
@@ -116,7 +324,7 @@ impl WsStream {
 
 impl Read for WsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = (&self.shared.tcp).read(buf)?;
+        let n = self.shared.read(buf)?;
         self.bytes_read += n as u64;
         Ok(n)
     }
@@ -124,14 +332,14 @@ impl Read for WsStream {
 
 impl Write for WsStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut writer = self.shared.lock();
-        if writer.done {
+        let mut inner = self.shared.lock();
+        if inner.done {
             return Ok(buf.len());
         }
         // tungstenite hands over whole frames; writing all of them under the lock keeps a
         // Close frame from another thread from landing inside one.
-        if let Err(error) = (&self.shared.tcp).write_all(buf) {
-            writer.done = true;
+        if let Err(error) = write_locked(&mut inner, &self.shared.tcp, buf) {
+            inner.done = true;
             // A write timeout surfaces as WouldBlock, which the owner would take for a
             // read-timeout tick; this error ends the connection instead.
             if crate::net::is_timeout(&error) {
@@ -142,7 +350,7 @@ impl Write for WsStream {
         // tungstenite writes each frame as it is made, so a buffer that starts with a Close
         // opcode is tungstenite's own Close (a reply): ours must not follow it.
         if buf.first().is_some_and(|byte| byte & 0x0F == 0x8) {
-            writer.done = true;
+            inner.done = true;
         }
         Ok(buf.len())
     }

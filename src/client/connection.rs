@@ -12,14 +12,15 @@ use tungstenite::{Error as WsError, Message};
 
 use super::handshake;
 use super::load::{Generator, LoadConfig};
-use super::stats::{ClientStats, Counter};
+use super::stats::{ClientStats, Counter, Failure};
 use super::{Slot, CLOSE_TIMEOUT};
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, Target};
 use crate::ending::{describe_close, Ending, Reason};
 use crate::frame::close_frame;
 use crate::net;
 use crate::shutdown::Shutdown;
 use crate::stream::{SharedStream, WsStream};
+use crate::tls::{ClientTls, ClientTlsOptions};
 
 /// Read chunk of a connection that only pings (small, as thousands may be held).
 const READ_BUFFER_SIZE: usize = 1024;
@@ -30,16 +31,20 @@ const LOAD_READ_BUFFER_SIZE: usize = 64 * 1024;
 pub(super) fn run(
     index: u32,
     config: &ClientConfig,
+    dialer: &Dialer,
     shutdown: &Shutdown,
     slot: &Slot,
     stats: &ClientStats,
 ) {
-    let url = config.url();
+    let url = dialer.target.to_string();
     loop {
-        let outcome = match connect(config) {
+        let outcome = match dialer.connect(config) {
             Ok((mut socket, stream)) => {
                 stats.connection_opened();
                 info!("[Connection {index}] Connected to {url}");
+                if dialer.insecure {
+                    warn!("[Connection {index}] The server's certificate was not verified (--insecure)");
+                }
                 set_slot(slot, Some(stream.clone()));
                 let outcome =
                     Session::new(index, &url, config, shutdown, &stream, stats).hold(&mut socket);
@@ -48,7 +53,7 @@ pub(super) fn run(
                 outcome
             }
             Err(error) => {
-                stats.add(Counter::ConnectFailures, 1);
+                stats.attempt_failed(error.cause);
                 Outcome::Failed(error)
             }
         };
@@ -83,54 +88,157 @@ fn set_slot(slot: &Slot, stream: Option<Arc<SharedStream>>) {
         .unwrap_or_else(std::sync::PoisonError::into_inner) = stream;
 }
 
-/// TCP connect plus WebSocket handshake, both within the connect timeout.
-fn connect(config: &ClientConfig) -> Result<(WebSocket<WsStream>, Arc<SharedStream>), String> {
-    let deadline = Instant::now() + config.connect_timeout;
-    let host = config.host.trim_start_matches('[').trim_end_matches(']');
-    let addrs = (host, config.port)
-        .to_socket_addrs()
-        .map_err(|error| format!("cannot resolve {}: {error}", config.host))?;
-    let mut last_error = format!("{} resolved to no address", config.host);
-    let mut connected = None;
-    for addr in addrs {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            last_error = format!("connect timed out after {:?}", config.connect_timeout);
-            break;
-        }
-        match TcpStream::connect_timeout(&addr, left) {
-            Ok(tcp) => {
-                connected = Some(tcp);
+/// How every connection of a client reaches the server: the target and, for `wss://`,
+/// the TLS settings and the name the certificate must carry.
+pub(super) struct Dialer {
+    pub(super) target: Target,
+    pub(super) tls: Option<ClientTls>,
+    pub(super) server_name: String,
+    pub(super) insecure: bool,
+}
+
+impl Dialer {
+    /// The dialer for `config`; fails when the TLS files do not load, or TLS flags are
+    /// given for a `ws://` target.
+    pub(super) fn new(config: &ClientConfig) -> Result<Self, String> {
+        let target = config.target();
+        let tls = if target.tls {
+            Some(ClientTls::load(&ClientTlsOptions {
+                ca_files: config.ca_file.clone(),
+                no_builtin_roots: config.no_builtin_roots,
+                client_cert: config.client_cert.clone().zip(config.client_key.clone()),
+                insecure: config.insecure,
+            })?)
+        } else if config.has_tls_options() {
+            // A flag that would do nothing is a mistake worth an error.
+            return Err(format!(
+                "TLS flags (--ca-file, --client-cert, --tls-server-name, --insecure) apply to \
+                 wss:// only, and the target is {target}: add --tls or use --url wss://..."
+            ));
+        } else {
+            None
+        };
+        Ok(Dialer {
+            server_name: config
+                .tls_server_name
+                .clone()
+                .unwrap_or_else(|| target.host.clone()),
+            insecure: config.insecure && target.tls,
+            tls,
+            target,
+        })
+    }
+
+    /// TCP connect, TLS handshake and WebSocket upgrade, all within the connect timeout.
+    fn connect(
+        &self,
+        config: &ClientConfig,
+    ) -> Result<(WebSocket<WsStream>, Arc<SharedStream>), ConnectError> {
+        let target = &self.target;
+        let deadline = Instant::now() + config.connect_timeout;
+        let addrs = (target.host.as_str(), target.port)
+            .to_socket_addrs()
+            .map_err(|error| {
+                ConnectError::new(
+                    Failure::Resolve,
+                    format!("cannot resolve {}: {error}", target.host),
+                )
+            })?;
+        let mut last_error = ConnectError::new(
+            Failure::Resolve,
+            format!("{} resolved to no address", target.host),
+        );
+        let mut connected = None;
+        for addr in addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                last_error = ConnectError::new(
+                    Failure::Timeout,
+                    format!("connect timed out after {:?}", config.connect_timeout),
+                );
                 break;
             }
-            Err(error) => last_error = format!("{addr}: {error}"),
+            match TcpStream::connect_timeout(&addr, left) {
+                Ok(tcp) => {
+                    connected = Some(tcp);
+                    break;
+                }
+                Err(error) => last_error = ConnectError::io(&error, format!("{addr}: {error}")),
+            }
+        }
+        let tcp = connected.ok_or(last_error)?;
+        let _ = tcp.set_nodelay(true);
+        let stream = match &self.tls {
+            Some(tls) => SharedStream::with_tls(
+                tcp,
+                tls.session(&self.server_name)
+                    .map_err(|error| ConnectError::new(Failure::Tls, error.to_string()))?,
+            ),
+            None => SharedStream::new(tcp),
+        };
+        stream.tls_handshake(deadline).map_err(|error| {
+            let cause = match error.kind() {
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Failure::Timeout,
+                std::io::ErrorKind::InvalidData => Failure::Tls,
+                _ => Failure::Connect,
+            };
+            ConnectError::new(cause, error.to_string())
+        })?;
+        let leftover = handshake::upgrade(&stream, &target.authority(), &target.path, deadline)?;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(if LoadConfig::from_config(config).is_some() {
+                LOAD_READ_BUFFER_SIZE
+            } else {
+                READ_BUFFER_SIZE
+            })
+            .write_buffer_size(0);
+        let socket = WebSocket::from_partially_read(
+            WsStream::new(stream.clone()),
+            leftover,
+            Role::Client,
+            Some(ws_config),
+        );
+        // From here on, reads time the pings. A write that makes no progress for as long as
+        // a pong may take means the server stopped reading: the connection is as dead as
+        // one that stopped answering pings.
+        stream
+            .tcp()
+            .set_write_timeout(Some(config.pong_timeout))
+            .map_err(|error| ConnectError::io(&error, error.to_string()))?;
+        Ok((socket, stream))
+    }
+}
+
+/// A failed connection attempt: the cause it is counted under and what the log line says.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct ConnectError {
+    pub(super) cause: Failure,
+    message: String,
+}
+
+impl ConnectError {
+    pub(super) fn new(cause: Failure, message: impl Into<String>) -> Self {
+        ConnectError {
+            cause,
+            message: message.into(),
         }
     }
-    let tcp = connected.ok_or(last_error)?;
-    tcp.set_nodelay(true).map_err(|error| error.to_string())?;
-    let leftover = handshake::upgrade(&tcp, &config.host_port(), &config.path, deadline)?;
-    let stream = SharedStream::new(tcp);
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(if LoadConfig::from_config(config).is_some() {
-            LOAD_READ_BUFFER_SIZE
+
+    /// A socket error: a timeout, or the connect failed.
+    fn io(error: &std::io::Error, message: String) -> Self {
+        let cause = if net::is_timeout(error) {
+            Failure::Timeout
         } else {
-            READ_BUFFER_SIZE
-        })
-        .write_buffer_size(0);
-    let socket = WebSocket::from_partially_read(
-        WsStream::new(stream.clone()),
-        leftover,
-        Role::Client,
-        Some(ws_config),
-    );
-    // From here on, reads time the pings. A write that makes no progress for as long as a
-    // pong may take means the server stopped reading: the connection is as dead as one
-    // that stopped answering pings.
-    stream
-        .tcp()
-        .set_write_timeout(Some(config.pong_timeout))
-        .map_err(|error| error.to_string())?;
-    Ok((socket, stream))
+            Failure::Connect
+        };
+        ConnectError::new(cause, message)
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// How a connection attempt or session ended.
@@ -142,7 +250,7 @@ enum Outcome {
     /// The connection was lost.
     Lost(Ending),
     /// The connection could not be made.
-    Failed(String),
+    Failed(ConnectError),
 }
 
 impl Outcome {

@@ -15,13 +15,14 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::Role;
 
 use crate::config::ClientConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::frame::close_frame;
 use crate::shutdown::Shutdown;
 use crate::stream::{close_all, SharedStream};
 use crate::threads::{self, Helpers};
+use connection::Dialer;
 use load::LoadConfig;
-pub use stats::{ClientStats, Counter};
+pub use stats::{ClientStats, Counter, Failure};
 
 /// Stack of a connection thread: the handshake (URL and HTTP parsing) needs more than the
 /// server's echo loop, still far below std's 2 MiB default.
@@ -37,16 +38,23 @@ type Slot = Mutex<Option<Arc<SharedStream>>>;
 /// A client not yet running, with the counters its connections will keep.
 pub struct Client {
     config: Arc<ClientConfig>,
+    dialer: Arc<Dialer>,
     stats: Arc<ClientStats>,
 }
 
 impl Client {
-    /// A client for `config`.
-    pub fn new(config: ClientConfig) -> Self {
-        Client {
-            config: Arc::new(config),
-            stats: Arc::default(),
+    /// A client for `config`; fails when its TLS files do not load or its flags do not fit
+    /// together.
+    pub fn new(config: ClientConfig) -> Result<Self> {
+        let dialer = Dialer::new(&config).map_err(Error::Setup)?;
+        if dialer.insecure {
+            warn!("--insecure: server certificates are not verified; connections are encrypted but not authenticated");
         }
+        Ok(Client {
+            config: Arc::new(config),
+            dialer: Arc::new(dialer),
+            stats: Arc::default(),
+        })
     }
 
     /// The counters, readable while [`run`](Self::run) goes on.
@@ -57,7 +65,11 @@ impl Client {
     /// Runs the connections until `shutdown` is requested (or `--duration` has passed);
     /// returns within about a second of it, after logging the final summary in load mode.
     pub fn run(self, shutdown: Shutdown) -> Result<()> {
-        let Client { config, stats } = self;
+        let Client {
+            config,
+            dialer,
+            stats,
+        } = self;
         let load = LoadConfig::from_config(&config).is_some();
         let slots: Arc<[Slot]> = (0..config.connections).map(|_| Mutex::new(None)).collect();
         // The connection threads and the reporter stop on `stop`: a signal, or the end of
@@ -68,12 +80,13 @@ impl Client {
         info!(
             "Starting {} to {}",
             crate::count(config.connections as usize, "connection"),
-            config.url()
+            dialer.target
         );
         let mut connections = Vec::with_capacity(config.connections as usize);
         for index in 1..=config.connections {
-            let (config, stop, slots, stats, alive) = (
+            let (config, dialer, stop, slots, stats, alive) = (
                 config.clone(),
+                dialer.clone(),
                 stop.clone(),
                 slots.clone(),
                 stats.clone(),
@@ -90,7 +103,8 @@ impl Client {
                     if !ramp_delay.is_zero() && stop.wait_timeout(ramp_delay) {
                         return;
                     }
-                    connection::run(index, &config, &stop, &slots[index as usize - 1], &stats);
+                    let slot = &slots[index as usize - 1];
+                    connection::run(index, &config, &dialer, &stop, slot, &stats);
                 });
             match spawned {
                 Ok(handle) => connections.push(handle),
@@ -172,5 +186,5 @@ impl Client {
 /// Runs a client for `config` until `shutdown` is requested: [`Client::new`] then
 /// [`Client::run`].
 pub fn run(config: ClientConfig, shutdown: Shutdown) -> Result<()> {
-    Client::new(config).run(shutdown)
+    Client::new(config)?.run(shutdown)
 }

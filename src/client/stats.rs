@@ -14,12 +14,54 @@ use crate::ending::Reason;
 /// Round trips above this are recorded as this (microseconds).
 pub(super) const MAX_RTT_MICROS: u64 = 60_000_000;
 
+/// Why a connection attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Failure {
+    /// The host name did not resolve.
+    Resolve,
+    /// The TCP connect failed (refused, unreachable).
+    Connect,
+    /// The connect timeout passed (TCP, TLS or the upgrade).
+    Timeout,
+    /// The TLS handshake failed (certificate, protocol).
+    Tls,
+    /// The server answered the upgrade with another status than 101.
+    Refused,
+    /// The upgrade response was not a valid WebSocket handshake, or the connection ended.
+    Handshake,
+}
+
+impl Failure {
+    /// Every cause, in index order.
+    pub const ALL: [Failure; 6] = [
+        Failure::Resolve,
+        Failure::Connect,
+        Failure::Timeout,
+        Failure::Tls,
+        Failure::Refused,
+        Failure::Handshake,
+    ];
+
+    /// The label, e.g. `tls`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Resolve => "resolve",
+            Failure::Connect => "connect",
+            Failure::Timeout => "timeout",
+            Failure::Tls => "tls",
+            Failure::Refused => "refused",
+            Failure::Handshake => "handshake",
+        }
+    }
+}
+
 /// Counters shared by all connections of a client.
 #[derive(Debug)]
 pub struct ClientStats {
     connections_up: AtomicI64,
     counters: [AtomicU64; Counter::COUNT],
     ended: [AtomicU64; Reason::ALL.len()],
+    failed: [AtomicU64; Failure::ALL.len()],
     rtt_micros: Mutex<Histogram<u64>>,
 }
 
@@ -43,7 +85,7 @@ pub enum Counter {
     Lost,
     /// WebSocket handshakes completed.
     Connects,
-    /// Connection attempts that failed.
+    /// Connection attempts that failed (by cause: [`ClientStats::failed`]).
     ConnectFailures,
     /// Established connections lost (error, close by the server, pong timeout).
     Losses,
@@ -64,6 +106,7 @@ impl Default for ClientStats {
             connections_up: AtomicI64::new(0),
             counters: Default::default(),
             ended: Default::default(),
+            failed: Default::default(),
             rtt_micros: Mutex::new(new_histogram()),
         }
     }
@@ -92,6 +135,16 @@ impl ClientStats {
     /// Connections that ended for `reason` so far.
     pub fn ended(&self, reason: Reason) -> u64 {
         self.ended[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// Connection attempts that failed for `cause` so far.
+    pub fn failed(&self, cause: Failure) -> u64 {
+        self.failed[cause as usize].load(Ordering::Relaxed)
+    }
+
+    pub(super) fn attempt_failed(&self, cause: Failure) {
+        self.add(Counter::ConnectFailures, 1);
+        self.failed[cause as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn connection_opened(&self) {

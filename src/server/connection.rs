@@ -4,7 +4,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
@@ -42,6 +42,8 @@ pub struct Context {
     pub going_away: Arc<[u8]>,
     /// Server-side pings and the idle timeout.
     pub keepalive: Keepalive,
+    /// Serve `wss://`: every accepted socket starts with a TLS handshake.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// Server-side liveness checks, both off by default: an idle connection then blocks in
@@ -71,14 +73,28 @@ impl Keepalive {
 /// Serves one accepted socket until it closes.
 pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
     let _ = tcp.set_nodelay(true);
-    let stream = SharedStream::new(tcp);
+    let stream = match &context.tls {
+        Some(tls) => match tls.session() {
+            Ok(session) => SharedStream::with_tls(tcp, session),
+            Err(error) => {
+                warn!("Cannot start a TLS session for {peer}: {error}");
+                return;
+            }
+        },
+        None => SharedStream::new(tcp),
+    };
     let tcp = stream.tcp();
     // Listed while the request is read, so shutdown can cut a slow or silent client short.
     let handshaking = context.registry.begin_handshake(id, stream.clone());
     if context.shutdown.is_requested() {
         return;
     }
-    let leftover = match handshake::accept(tcp, &context.ws_path, context.handshake_timeout) {
+    // The TLS handshake and the upgrade request share the handshake timeout.
+    let deadline = Instant::now() + context.handshake_timeout;
+    let opened = stream
+        .tls_handshake(deadline)
+        .and_then(|()| handshake::accept(&stream, &context.ws_path, deadline));
+    let leftover = match opened {
         Ok(Handshake::Upgraded { leftover }) => leftover,
         Ok(Handshake::Answered { status, message }) => {
             if status >= 400 {
@@ -87,7 +103,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
             } else {
                 debug!("Answered {peer}: {status} {message}");
             }
-            net::close_gracefully(tcp, net::LINGER);
+            stream.close_gracefully(net::LINGER);
             return;
         }
         // A connect-and-close with nothing sent is a TCP health check or a port scan, not a
@@ -129,7 +145,9 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
     ) {
         // We sent a Close the peer has not answered: let it reach the peer before the
         // socket closes.
-        net::close_gracefully(stream.tcp(), net::LINGER);
+        stream.close_gracefully(net::LINGER);
+    } else {
+        stream.send_close_notify();
     }
     registration.set_ending(ending);
 }

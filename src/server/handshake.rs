@@ -4,9 +4,10 @@
 //! [`decide`] is pure (bytes in, decision out) so it can be tested and fuzzed on its own;
 //! [`accept`] does the socket I/O around it under the handshake deadline.
 
-use std::io::{self, Write};
-use std::net::TcpStream;
+use std::io;
 use std::time::{Duration, Instant};
+
+use crate::stream::SharedStream;
 
 /// Largest request head accepted; a longer one is answered 431.
 pub const MAX_HEAD_SIZE: usize = 8192;
@@ -230,10 +231,10 @@ pub enum Handshake {
     },
 }
 
-/// Reads the request head from `tcp` within `timeout` (measured across all reads, so a
-/// client trickling a byte at a time is cut off too) and answers it.
-pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<Handshake> {
-    let deadline = Instant::now() + timeout;
+/// Reads the request head from `stream` before `deadline` (one deadline across all reads,
+/// so a client trickling a byte at a time is cut off too) and answers it.
+pub fn accept(stream: &SharedStream, ws_path: &str, deadline: Instant) -> io::Result<Handshake> {
+    let tcp = stream.tcp();
     let mut buf = Vec::with_capacity(1024);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -242,7 +243,7 @@ pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<H
             // port scanner, a TCP health check) is just closed.
             let reply = Reply::new(408, "no complete request within the handshake timeout");
             let _ = tcp.set_write_timeout(Some(Duration::from_millis(100)));
-            (&*tcp).write_all(&reply.to_bytes())?;
+            stream.write_all(&reply.to_bytes())?;
             return Ok(Handshake::Answered {
                 status: reply.status,
                 message: reply.message,
@@ -255,7 +256,7 @@ pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<H
             ));
         }
         tcp.set_read_timeout(Some(left))?;
-        match crate::net::read_head_chunk(tcp, &mut buf, MAX_HEAD_SIZE) {
+        match crate::net::read_head_chunk(stream, &mut buf, MAX_HEAD_SIZE) {
             // Nothing sent at all is a TCP health check or a port scan (UnexpectedEof); a
             // request cut short is a failed upgrade (ConnectionAborted).
             Ok(0) if buf.is_empty() => {
@@ -284,12 +285,12 @@ pub fn accept(tcp: &TcpStream, ws_path: &str, timeout: Duration) -> io::Result<H
                 let response = format!(
                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
                 );
-                (&*tcp).write_all(response.as_bytes())?;
+                stream.write_all(response.as_bytes())?;
                 buf.drain(..head_len);
                 return Ok(Handshake::Upgraded { leftover: buf });
             }
             Decision::Reply(reply) => {
-                (&*tcp).write_all(&reply.to_bytes())?;
+                stream.write_all(&reply.to_bytes())?;
                 return Ok(Handshake::Answered {
                     status: reply.status,
                     message: reply.message,

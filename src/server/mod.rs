@@ -29,6 +29,7 @@ use crate::net;
 use crate::shutdown::Shutdown;
 use crate::stream::close_all;
 use crate::threads::{self, Helpers};
+use crate::tls::ServerTls;
 use capacity::Capacity;
 use connection::{Context, Keepalive};
 use registry::Registry;
@@ -43,6 +44,7 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// A bound, not yet running server.
 pub struct Server {
     config: ServerConfig,
+    tls: Option<ServerTls>,
     listener: TcpListener,
     local_addr: SocketAddr,
     metrics_listener: TcpListener,
@@ -95,10 +97,18 @@ impl Server {
             let addr = SocketAddr::new(config.host, port);
             net::bind_listener(addr).map_err(|source| Error::Bind { addr, source })
         };
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                ServerTls::load(cert, key, config.tls_client_ca.as_deref())
+                    .map_err(Error::Setup)?,
+            ),
+            _ => None,
+        };
         let listener = bind(config.port)?;
         let metrics_listener = bind(config.metrics_port)?;
         let metrics = Metrics::new();
         Ok(Server {
+            tls,
             local_addr: listener.local_addr()?,
             metrics_addr: metrics_listener.local_addr()?,
             listener,
@@ -133,6 +143,7 @@ impl Server {
     pub fn run(self, shutdown: Shutdown) -> Result<()> {
         let Server {
             config,
+            tls,
             listener,
             local_addr,
             metrics_listener,
@@ -170,6 +181,7 @@ impl Server {
                 ping_interval: config.server_ping_interval,
                 idle_timeout: config.effective_idle_timeout(),
             },
+            tls,
         });
         // Every connection thread holds a clone of `alive`; the channel disconnects when
         // the last one has finished.
@@ -193,7 +205,11 @@ impl Server {
             // A wake-up connect can fail (a firewall, a full backlog): it is retried.
             move || net::wake_acceptor(local_addr),
         )?;
-        info!("Listening on ws://{local_addr}{}", config.path);
+        info!(
+            "Listening on {}://{local_addr}{}",
+            config.scheme(),
+            config.path
+        );
         info!("Metrics on http://{metrics_addr}/metrics");
 
         shutdown.wait();

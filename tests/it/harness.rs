@@ -177,7 +177,7 @@ impl TestClient {
         args.extend_from_slice(flags);
         let config =
             ClientConfig::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        let client = Client::new(config);
+        let client = Client::new(config).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         let stats = client.stats();
         let runner = Runner::start("test-client", move |shutdown| {
             client.run(shutdown).map_err(|e| e.to_string())
