@@ -34,7 +34,8 @@ pub struct SharedStream {
 struct Inner {
     /// Our Close frame has been written, or a write failed part-way: nothing more may go out.
     done: bool,
-    tls: Option<rustls::Connection>,
+    /// Boxed: a rustls session is over 1 KiB, which a plain connection should not carry.
+    tls: Option<Box<rustls::Connection>>,
     /// Ciphertext read from the socket that rustls could not take yet (its plaintext
     /// buffer was full: a large message); empty, without an allocation, when idle.
     pending: Vec<u8>,
@@ -49,10 +50,10 @@ impl SharedStream {
     /// Wraps a connected socket whose bytes go through the TLS session `tls` (its
     /// handshake not done yet: see [`tls_handshake`](Self::tls_handshake)).
     pub fn with_tls(tcp: TcpStream, tls: impl Into<rustls::Connection>) -> Arc<Self> {
-        Self::wrap(tcp, Some(tls.into()))
+        Self::wrap(tcp, Some(Box::new(tls.into())))
     }
 
-    fn wrap(tcp: TcpStream, tls: Option<rustls::Connection>) -> Arc<Self> {
+    fn wrap(tcp: TcpStream, tls: Option<Box<rustls::Connection>>) -> Arc<Self> {
         Arc::new(SharedStream {
             tcp,
             inner: Mutex::new(Inner {
@@ -129,6 +130,9 @@ impl SharedStream {
     /// Reads one chunk of ciphertext from the socket (blocking, without the lock) and
     /// hands it to rustls, which answers what needs answering (handshake, alerts).
     /// Returns the number of bytes read: 0 at EOF.
+    // Not inlined into `read`: its buffer would then sit in the frame of every plain
+    // connection's read too, one more stack page resident per thread.
+    #[inline(never)]
     fn receive_tls(&self) -> io::Result<usize> {
         let mut raw = [0u8; TLS_READ_CHUNK];
         let n = (&self.tcp).read(&mut raw)?;

@@ -6,6 +6,7 @@
 use std::fmt;
 use std::fs;
 use std::io;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -18,6 +19,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::stream::SharedStream;
 
 /// How often a connection may make the server look at its certificate files again.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
@@ -105,9 +108,14 @@ impl ServerTls {
         })
     }
 
-    /// A new server-side session for one accepted socket.
-    pub fn session(&self) -> io::Result<rustls::ServerConnection> {
-        rustls::ServerConnection::new(self.config.clone()).map_err(io::Error::other)
+    /// `tcp` with a new server-side session (its handshake not done yet).
+    // Not inlined: the session (over 1 KiB) is built on the stack before it is boxed, and a
+    // connection thread's deepest frame decides how much of its stack stays resident.
+    #[inline(never)]
+    pub fn wrap(&self, tcp: TcpStream) -> io::Result<Arc<SharedStream>> {
+        let session =
+            rustls::ServerConnection::new(self.config.clone()).map_err(io::Error::other)?;
+        Ok(SharedStream::with_tls(tcp, session))
     }
 }
 
@@ -239,16 +247,20 @@ impl ClientTls {
         })
     }
 
-    /// A new client-side session for a connection to `server_name` (SNI and the name the
-    /// certificate must carry).
-    pub fn session(&self, server_name: &str) -> io::Result<rustls::ClientConnection> {
+    /// `tcp` with a new client-side session for `server_name` (SNI and the name the
+    /// certificate must carry); its handshake not done yet.
+    // Not inlined, for the reason given at [`ServerTls::wrap`].
+    #[inline(never)]
+    pub fn wrap(&self, tcp: TcpStream, server_name: &str) -> io::Result<Arc<SharedStream>> {
         let name = ServerName::try_from(server_name.to_owned()).map_err(|error| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("{server_name:?} is not a valid TLS server name: {error}"),
             )
         })?;
-        rustls::ClientConnection::new(self.config.clone(), name).map_err(io::Error::other)
+        let session =
+            rustls::ClientConnection::new(self.config.clone(), name).map_err(io::Error::other)?;
+        Ok(SharedStream::with_tls(tcp, session))
     }
 }
 

@@ -169,11 +169,9 @@ impl Dialer {
         let tcp = connected.ok_or(last_error)?;
         let _ = tcp.set_nodelay(true);
         let stream = match &self.tls {
-            Some(tls) => SharedStream::with_tls(
-                tcp,
-                tls.session(&self.server_name)
-                    .map_err(|error| ConnectError::new(Failure::Tls, error.to_string()))?,
-            ),
+            Some(tls) => tls
+                .wrap(tcp, &self.server_name)
+                .map_err(|error| ConnectError::new(Failure::Tls, error.to_string()))?,
             None => SharedStream::new(tcp),
         };
         stream.tls_handshake(deadline).map_err(|error| {

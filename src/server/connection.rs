@@ -74,8 +74,8 @@ impl Keepalive {
 pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
     let _ = tcp.set_nodelay(true);
     let stream = match &context.tls {
-        Some(tls) => match tls.session() {
-            Ok(session) => SharedStream::with_tls(tcp, session),
+        Some(tls) => match tls.wrap(tcp) {
+            Ok(stream) => stream,
             Err(error) => {
                 warn!("Cannot start a TLS session for {peer}: {error}");
                 return;
