@@ -196,6 +196,47 @@ pub struct ClientConfig {
     #[arg(long, env = "WEBSOCKET_TEST_INSECURE")]
     pub insecure: bool,
 
+    /// Send this request header with every upgrade, e.g. 'X-Team: sre' (repeatable; in
+    /// the environment, one header per line). Replaces the client's own Host or User-Agent;
+    /// Upgrade, Connection and the Sec-WebSocket-* headers cannot be set
+    #[arg(long, value_name = "NAME: VALUE", env = "WEBSOCKET_TEST_HEADER",
+          value_parser = parse_header_list)]
+    pub header: Vec<HeaderList>,
+
+    /// Send this Origin header, e.g. `https://app.example.com` [default: none]
+    #[arg(long, env = "WEBSOCKET_TEST_ORIGIN", value_parser = parse_origin)]
+    pub origin: Option<String>,
+
+    /// Offer this subprotocol (repeatable, in order of preference; in the environment,
+    /// comma-separated). The one the server picks is logged; a server picking one not
+    /// offered fails the handshake
+    #[arg(long = "subprotocol", value_name = "NAME", env = "WEBSOCKET_TEST_SUBPROTOCOL",
+          value_delimiter = ',', value_parser = parse_subprotocol)]
+    pub subprotocols: Vec<String>,
+
+    /// Send 'Authorization: Bearer TOKEN' with every upgrade (never logged)
+    #[arg(long, value_name = "TOKEN", env = "WEBSOCKET_TEST_AUTH_TOKEN", hide_env_values = true,
+          value_parser = Quiet(parse_token), conflicts_with = "auth_token_file")]
+    pub auth_token: Option<Secret>,
+
+    /// Like --auth-token, with the token read from this file on every connect, so a rotated
+    /// Secret is picked up (surrounding whitespace is ignored)
+    #[arg(long, value_name = "PATH", env = "WEBSOCKET_TEST_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// Connect through this HTTP proxy with CONNECT, `http://[USER:PASSWORD@]HOST[:PORT]`
+    /// (port 1080 when left out); an empty value connects directly [default: from
+    /// https_proxy/HTTPS_PROXY for wss://, http_proxy/HTTP_PROXY for ws://]
+    #[arg(long, value_name = "URL", env = "WEBSOCKET_TEST_PROXY", hide_env_values = true,
+          value_parser = Quiet(parse_proxy))]
+    pub proxy: Option<Proxy>,
+
+    /// Hosts to reach without the proxy: a comma-separated list of names (each also
+    /// matches its subdomains; a leading dot is ignored), IP addresses or CIDR ranges,
+    /// optionally with :PORT; '*' means every host [default: no_proxy/NO_PROXY]
+    #[arg(long, value_name = "LIST", env = "WEBSOCKET_TEST_NO_PROXY")]
+    pub no_proxy: Option<String>,
+
     /// Number of connections to hold, each on its own thread
     #[arg(long, env = "WEBSOCKET_TEST_CONNECTIONS", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -269,6 +310,11 @@ impl ClientConfig {
         })
     }
 
+    /// The `--header` headers, in the order given.
+    pub fn headers(&self) -> impl Iterator<Item = &Header> {
+        self.header.iter().flat_map(|list| &list.0)
+    }
+
     /// Whether any TLS-only flag is given.
     pub fn has_tls_options(&self) -> bool {
         !self.ca_file.is_empty()
@@ -307,6 +353,15 @@ impl Target {
             format!("{host}:{}", self.port)
         }
     }
+
+    /// `HOST:PORT` with the port always given, as a CONNECT request names its target.
+    pub fn host_port(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
 }
 
 impl fmt::Display for Target {
@@ -316,6 +371,79 @@ impl fmt::Display for Target {
         write!(f, "{scheme}://{}{}", self.authority(), self.path)
     }
 }
+
+/// A request header given with `--header`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The name, a token, as given.
+    pub name: String,
+    /// The value, without surrounding spaces.
+    pub value: String,
+}
+
+/// The headers of one `--header` value: one per line (the environment variable holds them
+/// all, one per line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderList(pub Vec<Header>);
+
+/// A value that must never appear in logs or error messages (an auth token): its `Debug`
+/// shows `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// `--proxy`: an HTTP proxy to tunnel through, or none at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proxy {
+    /// Connect directly, whatever the environment says (an empty `--proxy`).
+    Direct,
+    /// Tunnel through this proxy with HTTP CONNECT.
+    Http(ProxyUrl),
+}
+
+/// An HTTP proxy: `http://[USER[:PASSWORD]@]HOST[:PORT]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    /// Host name or IP address, without brackets.
+    pub host: String,
+    /// TCP port (1080 when the URL leaves it out, as curl does).
+    pub port: u16,
+    /// User name and password (percent-decoded), for `Proxy-Authorization: Basic`.
+    pub credentials: Option<(String, Secret)>,
+}
+
+impl fmt::Display for ProxyUrl {
+    /// `http://HOST:PORT`: never the credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "http://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "http://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let user = self.credentials.as_ref().map(|(user, _)| user.as_str());
+        write!(f, "ProxyUrl({self}, user: {user:?})")
+    }
+}
+
+/// Default port of a proxy URL without one (curl's).
+pub const DEFAULT_PROXY_PORT: u16 = 1080;
 
 /// Parses `ws://HOST[:PORT]/PATH[?QUERY]` or `wss://...` (port 80 or 443 when left out).
 pub fn parse_url(text: &str) -> Result<Target, String> {
@@ -395,6 +523,235 @@ fn parse_client_host(text: &str) -> Result<String, String> {
         return Err(hint("empty"));
     }
     Ok(text.to_owned())
+}
+
+/// A value parser whose errors never repeat the value (clap's own do): for flags that may
+/// carry a secret (a token, a proxy password), whose errors can end up in a pod's log.
+#[derive(Clone)]
+struct Quiet<F>(F);
+
+impl<T, F> clap::builder::TypedValueParser for Quiet<F>
+where
+    F: Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static,
+    T: Clone + Send + Sync + 'static,
+{
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        command: &Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        let why = match value.to_str() {
+            Some(text) => match (self.0)(text) {
+                Ok(parsed) => return Ok(parsed),
+                Err(why) => why,
+            },
+            None => "not valid UTF-8".to_owned(),
+        };
+        let flag = arg.and_then(clap::Arg::get_long).unwrap_or("value");
+        let env = arg
+            .and_then(clap::Arg::get_env)
+            .and_then(std::ffi::OsStr::to_str)
+            .map(|env| format!(" (or {env})"))
+            .unwrap_or_default();
+        let message =
+            format!("invalid value for '--{flag}'{env} (not shown, as it may be secret): {why}");
+        Err(command
+            .clone()
+            .error(clap::error::ErrorKind::ValueValidation, message))
+    }
+}
+
+/// Whether `byte` may appear in an HTTP token (RFC 9110 §5.6.2): header names,
+/// subprotocols.
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+const TOKEN_CHARS: &str = "letters, digits and !#$%&'*+-.^_`|~";
+
+/// A header value may hold anything but control characters (a tab aside): a CR or LF
+/// would end the header and let the value inject others.
+fn check_header_value(value: &str) -> Result<(), String> {
+    match value.chars().find(|&c| c.is_control() && c != '\t') {
+        Some(c) => Err(format!(
+            "the value holds the control character {c:?} (no CR, LF or other control characters)"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// One or more `Name: value` headers, one per line (blank lines skipped, so an
+/// environment variable may end in a newline).
+fn parse_header_list(text: &str) -> Result<HeaderList, String> {
+    text.split('\n')
+        .map(|line| line.strip_suffix('\r').unwrap_or(line))
+        .filter(|line| !line.trim().is_empty())
+        .map(parse_header)
+        .collect::<Result<_, _>>()
+        .map(HeaderList)
+}
+
+/// A `Name: value` header that the handshake lets the user set.
+fn parse_header(text: &str) -> Result<Header, String> {
+    let invalid = |why: String| format!("invalid header {text:?}: {why}");
+    let (name, value) = text
+        .split_once(':')
+        .ok_or_else(|| invalid("expected 'Name: value'".into()))?;
+    if name.is_empty() || !name.bytes().all(is_tchar) {
+        return Err(invalid(format!(
+            "the name must be a token ({TOKEN_CHARS}), with no space before the ':'"
+        )));
+    }
+    let value = value.trim_matches([' ', '\t']);
+    check_header_value(value).map_err(invalid)?;
+    let refused = match name.to_ascii_lowercase().as_str() {
+        "upgrade" | "connection" | "sec-websocket-key" | "sec-websocket-version" => {
+            "the WebSocket handshake sets it itself"
+        }
+        "sec-websocket-protocol" => "use --subprotocol, so the answer can be checked",
+        "sec-websocket-extensions" => "the client negotiates no extensions",
+        "content-length" | "transfer-encoding" => "an upgrade request has no body",
+        _ => {
+            return Ok(Header {
+                name: name.to_owned(),
+                value: value.to_owned(),
+            })
+        }
+    };
+    Err(invalid(format!("{name} cannot be set: {refused}")))
+}
+
+/// An Origin header value, e.g. `https://app.example.com`.
+fn parse_origin(text: &str) -> Result<String, String> {
+    let origin = text.trim();
+    if origin.is_empty() {
+        return Err("invalid origin: empty".into());
+    }
+    check_header_value(origin).map_err(|why| format!("invalid origin {text:?}: {why}"))?;
+    Ok(origin.to_owned())
+}
+
+/// A subprotocol name: a token (RFC 6455 §4.1).
+fn parse_subprotocol(text: &str) -> Result<String, String> {
+    let name = text.trim();
+    if name.is_empty() || !name.bytes().all(is_tchar) {
+        return Err(format!(
+            "invalid subprotocol {text:?}: a subprotocol is a non-empty token ({TOKEN_CHARS})"
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// Checks a bearer token (surrounding whitespace, such as a file's final newline, is
+/// dropped) and returns it. Errors never include the token.
+pub fn check_token(text: &str) -> Result<&str, String> {
+    let token = text.trim();
+    if token.is_empty() {
+        Err("the token is empty".into())
+    } else if token.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        Err("the token holds a space or a control character".into())
+    } else {
+        Ok(token)
+    }
+}
+
+fn parse_token(text: &str) -> Result<Secret, String> {
+    check_token(text).map(|token| Secret(token.to_owned()))
+}
+
+/// `--proxy`: a proxy URL (see [`parse_proxy_url`]), or empty for none.
+fn parse_proxy(text: &str) -> Result<Proxy, String> {
+    if text.trim().is_empty() {
+        Ok(Proxy::Direct)
+    } else {
+        parse_proxy_url(text).map(Proxy::Http)
+    }
+}
+
+/// Parses a proxy URL as curl reads one: `http://[USER[:PASSWORD]@]HOST[:PORT][/]`, the
+/// scheme optional (http), the port 1080 when left out, user and password
+/// percent-decoded. Errors never include the URL, which may hold a password.
+pub fn parse_proxy_url(text: &str) -> Result<ProxyUrl, String> {
+    let text = text.trim();
+    let rest = match text.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "the scheme {scheme:?} is not supported: only http:// proxies (HTTP CONNECT)"
+            ))
+        }
+        None => text,
+    };
+    if rest.contains(char::is_whitespace) {
+        return Err("a proxy URL holds no spaces".into());
+    }
+    // What follows the authority (a path, usually "/") means nothing to a proxy.
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let (userinfo, host_port) = match authority.rsplit_once('@') {
+        Some((userinfo, host_port)) => (Some(userinfo), host_port),
+        None => (None, authority),
+    };
+    let credentials = match userinfo {
+        Some(userinfo) => {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            Some((percent_decode(user)?, Secret(percent_decode(password)?)))
+        }
+        None => None,
+    };
+    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or("an IPv6 address needs its closing ']'")?;
+        host.parse::<Ipv6Addr>()
+            .map_err(|_| "not an IPv6 address between the brackets")?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match host_port.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("no proxy host".into());
+    }
+    let port = match port {
+        Some(port) => port
+            .parse()
+            .ok()
+            .filter(|&port| port != 0)
+            .ok_or("the proxy port must be a number from 1 to 65535")?,
+        None => DEFAULT_PROXY_PORT,
+    };
+    Ok(ProxyUrl {
+        host: host.to_owned(),
+        port,
+        credentials,
+    })
+}
+
+/// Decodes `%XX` escapes (a user name or password in a URL).
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let byte = text
+                .get(i + 1..i + 3)
+                .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .ok_or("a '%' in the user or password must be followed by two hex digits")?;
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "the user or password is not UTF-8 once decoded".into())
 }
 
 /// Parses a duration as Go writes them, `250ms`, `15s`, `1m30s`, `1.5s`, `2h`, `300us`
@@ -842,6 +1199,190 @@ mod tests {
             let error = parse_client_host(bad).unwrap_err();
             assert!(error.contains("--url"), "{bad}: {error}");
         }
+    }
+
+    fn client(args: &[&str]) -> Result<ClientConfig, String> {
+        let mut all = vec!["client"];
+        all.extend_from_slice(args);
+        ClientConfig::try_parse_from(all).map_err(|e| e.render().to_string())
+    }
+
+    #[test]
+    fn headers_are_tokens_with_clean_values() {
+        let header = |name: &str, value: &str| Header {
+            name: name.into(),
+            value: value.into(),
+        };
+        assert_eq!(parse_header("X-Team: sre"), Ok(header("X-Team", "sre")));
+        assert_eq!(parse_header("X-Empty:"), Ok(header("X-Empty", "")));
+        assert_eq!(
+            parse_header("Host:\tinternal:8443 "),
+            Ok(header("Host", "internal:8443"))
+        );
+        assert_eq!(
+            parse_header("X-Tab: a\tb: c"),
+            Ok(header("X-Tab", "a\tb: c"))
+        );
+        for (bad, says) in [
+            ("X-Team", "expected 'Name: value'"),
+            (": x", "token"),
+            ("X Team: x", "token"),
+            ("X-Team : x", "no space before"),
+            ("X(Team): x", "token"),
+            ("X-A: a\rb", "control character '\\r'"),
+            ("X-A: a\u{0}b", "control character"),
+            ("Upgrade: h2c", "sets it itself"),
+            ("connection: close", "sets it itself"),
+            ("Sec-WebSocket-Key: x", "sets it itself"),
+            ("SEC-WEBSOCKET-VERSION: 8", "sets it itself"),
+            ("Sec-WebSocket-Protocol: chat", "--subprotocol"),
+            (
+                "Sec-WebSocket-Extensions: permessage-deflate",
+                "no extensions",
+            ),
+            ("Content-Length: 5", "no body"),
+        ] {
+            let error = parse_header(bad).unwrap_err();
+            assert!(error.contains(says), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn header_lists_hold_one_header_a_line() {
+        // The environment variable's form, with CRLF and a final newline from a YAML block.
+        let list = parse_header_list("X-A: 1\r\nX-B: 2\n\n").unwrap();
+        let names: Vec<&str> = list.0.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["X-A", "X-B"]);
+        assert_eq!(parse_header_list(""), Ok(HeaderList(Vec::new())));
+        assert!(parse_header_list("X-A: 1\nnot a header").is_err());
+        // A lone CR is not a line break: it stays in the value and is refused.
+        assert!(parse_header_list("X-A: 1\rX-B: 2").is_err());
+        let config = client(&["--header", "X-A: 1", "--header", "X-B: 2\nX-C: 3"]).unwrap();
+        let names: Vec<&str> = config.headers().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["X-A", "X-B", "X-C"]);
+    }
+
+    #[test]
+    fn refused_headers_exit_2_with_a_message() {
+        let error =
+            ClientConfig::try_parse_from(["client", "--header", "Upgrade: h2c"]).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        assert!(
+            error.to_string().contains("Upgrade cannot be set"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn subprotocols_and_origins() {
+        let config = client(&[
+            "--subprotocol",
+            "chat, v2.chat",
+            "--subprotocol",
+            "mqtt",
+            "--origin",
+            " https://app.example.com ",
+        ])
+        .unwrap();
+        assert_eq!(config.subprotocols, ["chat", "v2.chat", "mqtt"]);
+        assert_eq!(config.origin.as_deref(), Some("https://app.example.com"));
+        for bad in ["", "a b", "chat/1", "chat,"] {
+            assert!(
+                client(&["--subprotocol", bad]).is_err(),
+                "subprotocol {bad:?}"
+            );
+        }
+        assert!(parse_origin("").is_err());
+        assert!(parse_origin("https://a\r\nX-Evil: 1").is_err());
+    }
+
+    #[test]
+    fn tokens_conflict_and_are_never_shown() {
+        let config = client(&["--auth-token", " s3cr3t\n"]).unwrap();
+        assert_eq!(
+            config.auth_token.as_ref().map(Secret::expose),
+            Some("s3cr3t")
+        );
+        assert!(!format!("{config:?}").contains("s3cr3t"));
+        let error = client(&["--auth-token", "t", "--auth-token-file", "/f"]).unwrap_err();
+        assert!(error.contains("cannot be used with"), "{error}");
+        for bad in ["", "two words", "a\u{1b}b"] {
+            let error = client(&["--auth-token", bad]).unwrap_err();
+            assert!(
+                error.contains("'--auth-token' (or WEBSOCKET_TEST_AUTH_TOKEN)"),
+                "{error}"
+            );
+            assert!(error.contains("not shown"), "{error}");
+            if !bad.is_empty() {
+                assert!(!error.contains(bad), "{error}");
+            }
+        }
+        assert_eq!(check_token("abc.DEF-_~+/=\n"), Ok("abc.DEF-_~+/="));
+    }
+
+    #[test]
+    fn proxy_urls_are_read_as_curl_reads_them() {
+        let parsed = |text: &str| {
+            parse_proxy_url(text).map(|p| {
+                let credentials = p
+                    .credentials
+                    .map(|(user, password)| format!("{user}:{}", password.expose()));
+                (p.host, p.port, credentials)
+            })
+        };
+        assert_eq!(
+            parsed("http://proxy:3128"),
+            Ok(("proxy".into(), 3128, None))
+        );
+        assert_eq!(
+            parsed("HTTP://proxy:3128/"),
+            Ok(("proxy".into(), 3128, None))
+        );
+        assert_eq!(parsed("proxy.corp"), Ok(("proxy.corp".into(), 1080, None)));
+        assert_eq!(parsed("10.0.0.1:8080"), Ok(("10.0.0.1".into(), 8080, None)));
+        assert_eq!(parsed("http://[::1]:3128"), Ok(("::1".into(), 3128, None)));
+        assert_eq!(
+            parsed("http://us%40er:p%3Ass@proxy:3128"),
+            Ok(("proxy".into(), 3128, Some("us@er:p:ss".into())))
+        );
+        assert_eq!(
+            parsed("http://user@proxy:3128"),
+            Ok(("proxy".into(), 3128, Some("user:".into())))
+        );
+        for (bad, says) in [
+            ("https://proxy:443", "only http://"),
+            ("socks5h://proxy:1080", "only http://"),
+            ("http://:3128", "no proxy host"),
+            ("http://proxy:0", "port"),
+            ("http://proxy:http", "port"),
+            ("http://[::1:3128", "']'"),
+            ("http://u:%zz@proxy", "two hex digits"),
+            ("http://u:%+1@proxy", "two hex digits"),
+            ("http://pro xy", "no spaces"),
+        ] {
+            let error = parse_proxy_url(bad).unwrap_err();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+        // Neither the flag's errors nor the URL's Display or Debug show the password.
+        let error = client(&["--proxy", "http://u:hunter2@proxy:99999"]).unwrap_err();
+        assert!(
+            error.contains("'--proxy' (or WEBSOCKET_TEST_PROXY)"),
+            "{error}"
+        );
+        assert!(!error.contains("hunter2"), "{error}");
+        let url = parse_proxy_url("http://u:hunter2@[::1]:3128").unwrap();
+        assert_eq!(url.to_string(), "http://[::1]:3128");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert_eq!(client(&["--proxy", ""]).unwrap().proxy, Some(Proxy::Direct));
+    }
+
+    #[test]
+    fn connect_targets_always_name_the_port() {
+        assert_eq!(
+            parse_url("wss://a.example/").unwrap().host_port(),
+            "a.example:443"
+        );
+        assert_eq!(parse_url("ws://[::1]/").unwrap().host_port(), "[::1]:80");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! report it, and reconnect after any loss.
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -10,11 +11,12 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
-use super::handshake;
+use super::handshake::{self, Request};
 use super::load::{Generator, LoadConfig};
+use super::proxy::{self, Route};
 use super::stats::{ClientStats, Counter, Failure};
 use super::{Slot, CLOSE_TIMEOUT};
-use crate::config::{ClientConfig, Target};
+use crate::config::{check_token, ClientConfig, Secret, Target};
 use crate::ending::{describe_close, Ending, Reason};
 use crate::frame::close_frame;
 use crate::net;
@@ -36,11 +38,15 @@ pub(super) fn run(
     slot: &Slot,
     stats: &ClientStats,
 ) {
-    let url = dialer.target.to_string();
     loop {
-        let outcome = match dialer.connect(config) {
-            Ok((mut socket, stream)) => {
+        let outcome = match dialer.connect(config, index) {
+            Ok(Connected {
+                mut socket,
+                stream,
+                protocol,
+            }) => {
                 stats.connection_opened();
+                let url = dialer.describe(protocol.as_deref());
                 info!("[Connection {index}] Connected to {url}");
                 if dialer.insecure {
                     warn!("[Connection {index}] The server's certificate was not verified (--insecure)");
@@ -88,19 +94,27 @@ fn set_slot(slot: &Slot, stream: Option<Arc<SharedStream>>) {
         .unwrap_or_else(std::sync::PoisonError::into_inner) = stream;
 }
 
-/// How every connection of a client reaches the server: the target and, for `wss://`,
-/// the TLS settings and the name the certificate must carry.
+/// How every connection of a client reaches the server: the target, the route (directly
+/// or through a proxy), for `wss://` the TLS settings and the name the certificate must
+/// carry, and the upgrade request.
 pub(super) struct Dialer {
     pub(super) target: Target,
+    pub(super) route: Route,
     pub(super) tls: Option<ClientTls>,
     pub(super) server_name: String,
     pub(super) insecure: bool,
+    request: Request,
+    auth: Auth,
 }
 
 impl Dialer {
-    /// The dialer for `config`; fails when the TLS files do not load, or TLS flags are
-    /// given for a `ws://` target.
-    pub(super) fn new(config: &ClientConfig) -> Result<Self, String> {
+    /// The dialer for `config`, with `env` reading the proxy variables; fails when the TLS
+    /// files or the token file do not load, a proxy variable cannot be used, or flags do
+    /// not fit together (TLS flags for a `ws://` target, two flags for one header).
+    pub(super) fn new(
+        config: &ClientConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, String> {
         let target = config.target();
         let tls = if target.tls {
             Some(ClientTls::load(&ClientTlsOptions {
@@ -125,48 +139,44 @@ impl Dialer {
                 .unwrap_or_else(|| target.host.clone()),
             insecure: config.insecure && target.tls,
             tls,
+            route: proxy::route(
+                &target,
+                config.proxy.as_ref(),
+                config.no_proxy.as_deref(),
+                env,
+            )?,
+            request: Request::new(&target, config)?,
+            auth: Auth::new(config)?,
             target,
         })
     }
 
-    /// TCP connect, TLS handshake and WebSocket upgrade, all within the connect timeout.
-    fn connect(
-        &self,
-        config: &ClientConfig,
-    ) -> Result<(WebSocket<WsStream>, Arc<SharedStream>), ConnectError> {
+    /// The URL, and the subprotocol when some were offered: `ws://host/ws (subprotocol:
+    /// chat)`.
+    pub(super) fn describe(&self, protocol: Option<&str>) -> String {
+        match (protocol, self.request.protocols.is_empty()) {
+            (Some(protocol), _) => format!("{} (subprotocol: {protocol})", self.target),
+            (None, false) => format!("{} (no subprotocol picked)", self.target),
+            (None, true) => self.target.to_string(),
+        }
+    }
+
+    /// TCP connect (to the proxy, then CONNECT through it), TLS handshake and WebSocket
+    /// upgrade, all within the connect timeout.
+    fn connect(&self, config: &ClientConfig, index: u32) -> Result<Connected, ConnectError> {
         let target = &self.target;
         let deadline = Instant::now() + config.connect_timeout;
-        let addrs = (target.host.as_str(), target.port)
-            .to_socket_addrs()
-            .map_err(|error| {
-                ConnectError::new(
-                    Failure::Resolve,
-                    format!("cannot resolve {}: {error}", target.host),
-                )
-            })?;
-        let mut last_error = ConnectError::new(
-            Failure::Resolve,
-            format!("{} resolved to no address", target.host),
-        );
-        let mut connected = None;
-        for addr in addrs {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                last_error = ConnectError::new(
-                    Failure::Timeout,
-                    format!("connect timed out after {:?}", config.connect_timeout),
-                );
-                break;
+        let tcp = match &self.route.proxy {
+            Some(proxy) => {
+                let tcp =
+                    tcp_connect(&proxy.host, proxy.port, deadline, config).map_err(|error| {
+                        ConnectError::new(Failure::Proxy, format!("proxy {proxy}: {error}"))
+                    })?;
+                proxy::tunnel(&tcp, proxy, &target.host_port(), deadline)?;
+                tcp
             }
-            match TcpStream::connect_timeout(&addr, left) {
-                Ok(tcp) => {
-                    connected = Some(tcp);
-                    break;
-                }
-                Err(error) => last_error = ConnectError::io(&error, format!("{addr}: {error}")),
-            }
-        }
-        let tcp = connected.ok_or(last_error)?;
+            None => tcp_connect(&target.host, target.port, deadline, config)?,
+        };
         let _ = tcp.set_nodelay(true);
         let stream = match &self.tls {
             Some(tls) => tls
@@ -182,7 +192,8 @@ impl Dialer {
             };
             ConnectError::new(cause, error.to_string())
         })?;
-        let leftover = handshake::upgrade(&stream, &target.authority(), &target.path, deadline)?;
+        let token = self.auth.token(index);
+        let upgraded = handshake::upgrade(&stream, &self.request, token.as_deref(), deadline)?;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(if LoadConfig::from_config(config).is_some() {
                 LOAD_READ_BUFFER_SIZE
@@ -192,7 +203,7 @@ impl Dialer {
             .write_buffer_size(0);
         let socket = WebSocket::from_partially_read(
             WsStream::new(stream.clone()),
-            leftover,
+            upgraded.leftover,
             Role::Client,
             Some(ws_config),
         );
@@ -203,8 +214,105 @@ impl Dialer {
             .tcp()
             .set_write_timeout(Some(config.pong_timeout))
             .map_err(|error| ConnectError::io(&error, error.to_string()))?;
-        Ok((socket, stream))
+        Ok(Connected {
+            socket,
+            stream,
+            protocol: upgraded.protocol,
+        })
     }
+}
+
+/// An established connection.
+struct Connected {
+    socket: WebSocket<WsStream>,
+    stream: Arc<SharedStream>,
+    /// The subprotocol the server picked.
+    protocol: Option<String>,
+}
+
+/// Resolves `host` and connects to its first address that answers, by `deadline`.
+fn tcp_connect(
+    host: &str,
+    port: u16,
+    deadline: Instant,
+    config: &ClientConfig,
+) -> Result<TcpStream, ConnectError> {
+    let addrs = (host, port).to_socket_addrs().map_err(|error| {
+        ConnectError::new(Failure::Resolve, format!("cannot resolve {host}: {error}"))
+    })?;
+    let mut last_error =
+        ConnectError::new(Failure::Resolve, format!("{host} resolved to no address"));
+    for addr in addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ConnectError::new(
+                Failure::Timeout,
+                format!("connect timed out after {:?}", config.connect_timeout),
+            ));
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(tcp) => return Ok(tcp),
+            Err(error) => last_error = ConnectError::io(&error, format!("{addr}: {error}")),
+        }
+    }
+    Err(last_error)
+}
+
+/// The bearer token sent with every upgrade: none, `--auth-token`, or
+/// `--auth-token-file`, read again on every connect so a rotated Secret is picked up.
+enum Auth {
+    None,
+    Token(Secret),
+    File {
+        path: PathBuf,
+        /// The token last read, kept for when the file cannot be read (mid-rotation).
+        last: Mutex<String>,
+    },
+}
+
+impl Auth {
+    /// Checks the token, or reads the file once so a missing or empty one fails at start.
+    fn new(config: &ClientConfig) -> Result<Self, String> {
+        if let Some(token) = &config.auth_token {
+            return Ok(Auth::Token(token.clone()));
+        }
+        let Some(path) = &config.auth_token_file else {
+            return Ok(Auth::None);
+        };
+        Ok(Auth::File {
+            last: Mutex::new(read_token(path)?),
+            path: path.clone(),
+        })
+    }
+
+    /// The token for connection `index`'s next attempt. Errors are logged, never the token.
+    fn token(&self, index: u32) -> Option<String> {
+        match self {
+            Auth::None => None,
+            Auth::Token(token) => Some(token.expose().to_owned()),
+            Auth::File { path, last } => {
+                let mut last = last
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match read_token(path) {
+                    Ok(token) => *last = token,
+                    Err(error) => {
+                        warn!("[Connection {index}] {error}; sending the token read before");
+                    }
+                }
+                Some(last.clone())
+            }
+        }
+    }
+}
+
+/// The token in the file at `path`, without surrounding whitespace.
+fn read_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read --auth-token-file {}: {error}", path.display()))?;
+    check_token(&text)
+        .map(str::to_owned)
+        .map_err(|why| format!("--auth-token-file {}: {why}", path.display()))
 }
 
 /// A failed connection attempt: the cause it is counted under and what the log line says.

@@ -4,6 +4,8 @@
 mod connection;
 mod handshake;
 mod load;
+mod proxy;
+mod response;
 mod stats;
 
 use std::sync::{Arc, Mutex};
@@ -43,10 +45,11 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for `config`; fails when its TLS files do not load or its flags do not fit
-    /// together.
+    /// A client for `config`, with the proxy variables (`HTTPS_PROXY`, `NO_PROXY`, ...) of
+    /// this process; fails when its TLS or token files do not load, a proxy variable
+    /// cannot be used, or its flags do not fit together.
     pub fn new(config: ClientConfig) -> Result<Self> {
-        let dialer = Dialer::new(&config).map_err(Error::Setup)?;
+        let dialer = Dialer::new(&config, |name| std::env::var(name).ok()).map_err(Error::Setup)?;
         if dialer.insecure {
             warn!("--insecure: server certificates are not verified; connections are encrypted but not authenticated");
         }
@@ -82,6 +85,9 @@ impl Client {
             crate::count(config.connections as usize, "connection"),
             dialer.target
         );
+        if !dialer.route.why.is_empty() {
+            info!("{}", dialer.route.why);
+        }
         let mut connections = Vec::with_capacity(config.connections as usize);
         for index in 1..=config.connections {
             let (config, dialer, stop, slots, stats, alive) = (

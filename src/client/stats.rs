@@ -27,19 +27,24 @@ pub enum Failure {
     Tls,
     /// The server answered the upgrade with another status than 101.
     Refused,
-    /// The upgrade response was not a valid WebSocket handshake, or the connection ended.
+    /// The upgrade response was not a valid WebSocket handshake (a subprotocol or extension
+    /// that was not offered, say), or the connection ended.
     Handshake,
+    /// The outbound proxy failed: it could not be resolved or reached, did not answer
+    /// CONNECT in time, or answered it with another status than 2xx.
+    Proxy,
 }
 
 impl Failure {
     /// Every cause, in index order.
-    pub const ALL: [Failure; 6] = [
+    pub const ALL: [Failure; 7] = [
         Failure::Resolve,
         Failure::Connect,
         Failure::Timeout,
         Failure::Tls,
         Failure::Refused,
         Failure::Handshake,
+        Failure::Proxy,
     ];
 
     /// The label, e.g. `tls`.
@@ -51,6 +56,7 @@ impl Failure {
             Failure::Tls => "tls",
             Failure::Refused => "refused",
             Failure::Handshake => "handshake",
+            Failure::Proxy => "proxy",
         }
     }
 }

@@ -168,7 +168,15 @@ impl TestClient {
     /// Starts a client of `target` with the [`FAST`] timings and `flags`.
     pub fn start(target: SocketAddr, flags: &[&str]) -> TestClient {
         let (host, port) = (target.ip().to_string(), target.port().to_string());
-        let mut args = vec!["client", "--host", &host, "--port", &port];
+        let mut flags_with_target = vec!["--host", &host, "--port", &port];
+        flags_with_target.extend_from_slice(flags);
+        Self::start_with(&flags_with_target)
+    }
+
+    /// Starts a client with `flags` alone (they name the target: `--url`, or `--host` and
+    /// `--port`) and the [`FAST`] timings they do not set.
+    pub fn start_with(flags: &[&str]) -> TestClient {
+        let mut args = vec!["client"];
         for (flag, value) in FAST {
             if !flags.contains(&flag) {
                 args.extend([flag, value]);

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::large_stack_frames)]
 
 mod client;
+mod client_handshake;
 mod client_process;
 mod harness;
 mod hostile;
