@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             error!("{error}");
-            ExitCode::FAILURE
+            common::exit_code(&error)
         }
     }
 }

@@ -2,11 +2,23 @@
 
 use std::time::{Duration, Instant};
 
+use std::process::ExitCode;
+
 use websocket_test::shutdown::Trigger;
+use websocket_test::Error;
 
 /// Logs to stdout (see `websocket_test::logger`): RFC 3339 UTC time, level, thread name.
 pub fn init_logger(level: log::LevelFilter) {
     websocket_test::logger::init(level).expect("the logger is initialised once");
+}
+
+/// Exit 2 for settings that cannot work (a file that does not load, flags that do not fit
+/// together), as for a bad flag; 1 for a failure while starting or running.
+pub fn exit_code(error: &Error) -> ExitCode {
+    match error {
+        Error::Setup(_) => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
 }
 
 /// The first SIGINT/SIGTERM requests a graceful shutdown; another one a second or more

@@ -422,7 +422,7 @@ fn proxy_variables_are_read_as_curl_reads_them() {
     }
     // A proxy variable the client cannot use stops it at start, named, the URL not shown.
     let (code, output) = run_client(&["--tls"], &[("HTTPS_PROXY", "socks5://u:hunter2@p:1080")]);
-    assert_eq!(code, Some(1), "{output}");
+    assert_eq!(code, Some(2), "{output}");
     assert!(
         output.contains("cannot use the proxy in HTTPS_PROXY: "),
         "{output}"
