@@ -254,9 +254,31 @@ pub struct ClientConfig {
     #[arg(long, env = "WEBSOCKET_TEST_STATUS_INTERVAL", default_value = "30s", value_parser = parse_interval)]
     pub status_interval: Duration,
 
-    /// Wait after a lost connection (or a failed attempt) before connecting again
+    /// Wait after a lost connection (or a failed attempt) before connecting again; it
+    /// doubles with each failure in a row, up to --reconnect-max-delay
     #[arg(long, env = "WEBSOCKET_TEST_RECONNECT_DELAY", default_value = "5s", value_parser = parse_interval)]
     pub reconnect_delay: Duration,
+
+    /// The longest wait between attempts (`--reconnect-max-delay 5s` with
+    /// `--reconnect-jitter 0` waits exactly --reconnect-delay every time)
+    #[arg(long, env = "WEBSOCKET_TEST_RECONNECT_MAX_DELAY", default_value = "60s", value_parser = parse_interval)]
+    pub reconnect_max_delay: Duration,
+
+    /// Spread of each wait, as a fraction: 0.2 waits 80% to 120% of it, so connections cut
+    /// together come back over a window, not in one wave
+    #[arg(long, env = "WEBSOCKET_TEST_RECONNECT_JITTER", default_value = "0.2", value_parser = parse_fraction)]
+    pub reconnect_jitter: f64,
+
+    /// What keeps a connection alive: `ping` (a ping every --ping-interval, dead without a
+    /// pong within --pong-timeout) or `none` (send nothing, only answer: to find how long a
+    /// path lets a silent connection live)
+    #[arg(
+        long,
+        env = "WEBSOCKET_TEST_KEEPALIVE",
+        default_value = "ping",
+        value_enum
+    )]
+    pub keepalive: Keepalive,
 
     /// Limit for the TCP connect plus the WebSocket handshake
     #[arg(long, env = "WEBSOCKET_TEST_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
@@ -322,6 +344,15 @@ impl ClientConfig {
             || self.tls_server_name.is_some()
             || self.insecure
     }
+}
+
+/// What the client sends to keep a connection alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Keepalive {
+    /// A ping every --ping-interval; no pong within --pong-timeout ends the connection.
+    Ping,
+    /// Nothing: the client only answers the server's pings.
+    None,
 }
 
 /// Where the client connects.
@@ -797,6 +828,16 @@ fn explain_duration_error(text: &str, error: humantime::DurationError) -> String
         }
         E::UnknownUnit { unit, .. } => format!("unknown unit {unit:?} ({UNITS})"),
         E::NumberOverflow => "too large, or finer than a nanosecond".into(),
+    }
+}
+
+/// Parses a fraction from 0 to 1, e.g. `0.2`.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!(
+            "invalid fraction {text:?}: expected a number from 0 to 1, such as 0.2"
+        )),
     }
 }
 

@@ -80,6 +80,28 @@ impl Reason {
     }
 }
 
+/// Who ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// This side: a Close frame of ours, a timeout of ours, our shutdown.
+    Us,
+    /// The other side, with a Close frame.
+    Peer,
+    /// Nobody said so: TCP ended or broke without a Close frame (the peer's process died,
+    /// or a proxy, NAT or firewall on the way cut it).
+    Network,
+}
+
+impl fmt::Display for Who {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Who::Us => "ended by us",
+            Who::Peer => "ended by the peer",
+            Who::Network => "ended by the network",
+        })
+    }
+}
+
 /// How one connection ended: the reason, the Close code sent or received (if any), and a
 /// human-readable detail for the log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +173,36 @@ impl Ending {
         }
     }
 
+    /// Who ended the connection.
+    pub fn who(&self) -> Who {
+        match self.reason {
+            Reason::PeerClose => Who::Peer,
+            Reason::Eof | Reason::Reset | Reason::Error => Who::Network,
+            _ => Who::Us,
+        }
+    }
+
+    /// The end-of-connection line's text: how, who, and what the connection did, with the
+    /// silence before the end called out when no Close frame came and nothing arrived for
+    /// [`SILENT_DEATH`] or more (that length names the idle timeout of whatever cut it).
+    pub fn describe(&self, activity: &crate::activity::Snapshot) -> String {
+        use crate::activity::Seconds;
+        let silent = self.reason != Reason::PeerClose
+            && self.reason != Reason::Shutdown
+            && self.reason != Reason::Finished
+            && activity.silence >= SILENT_DEATH;
+        if silent {
+            format!(
+                "{}; {}, died silent: nothing received for {} before the end; {activity}",
+                self.detail,
+                self.who(),
+                Seconds(activity.silence)
+            )
+        } else {
+            format!("{}; {}; {activity}", self.detail, self.who())
+        }
+    }
+
     /// The `code` metric label: the Close code, or `none`.
     pub fn code_label(&self) -> String {
         self.code
@@ -163,6 +215,10 @@ impl fmt::Display for Ending {
         f.write_str(&self.detail)
     }
 }
+
+/// How long a connection must have received nothing before its end for the end line to say
+/// it died silent.
+pub const SILENT_DEATH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The protocol violation a tungstenite error reports, as the Close code RFC 6455 asks for
 /// (tungstenite itself sends none) and the reason it stands for; `None` for errors of the

@@ -14,6 +14,7 @@
 //! - [`server`]: accept loop, opening handshake, echo threads, connection registry.
 //! - [`client`]: connection threads: connect, ping, status, reconnect; their counters.
 //! - [`ending`]: how a connection ended, the words both sides log and count it with.
+//! - `activity`: what a connection did (messages, bytes, silence, round trip), lock-free.
 //! - `stream`: the socket shared between a connection's thread and shutdown.
 //! - `frame`: the Close frames written from outside a connection's thread.
 //! - `metrics`: the Prometheus registry and the routes of the metrics port.
@@ -27,6 +28,7 @@
 //! registry at every moment (both change under one lock); after our Close frame nothing
 //! more is written to a socket; every wait is bounded or wakes on shutdown.
 
+mod activity;
 pub mod client;
 pub mod config;
 pub mod ending;

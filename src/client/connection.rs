@@ -11,12 +11,14 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
+use super::backoff::{unit_random, Backoff};
 use super::handshake::{self, Request};
 use super::load::{Generator, LoadConfig};
 use super::proxy::{self, Route};
 use super::stats::{ClientStats, Counter, Failure};
 use super::{Slot, CLOSE_TIMEOUT};
-use crate::config::{check_token, ClientConfig, Secret, Target};
+use crate::activity::{Activity, Seconds};
+use crate::config::{check_token, ClientConfig, Keepalive, Secret, Target};
 use crate::ending::{describe_close, Ending, Reason};
 use crate::frame::close_frame;
 use crate::net;
@@ -29,7 +31,7 @@ const READ_BUFFER_SIZE: usize = 1024;
 /// Read chunk in load mode, where fewer reads per large echo matter more than memory.
 const LOAD_READ_BUFFER_SIZE: usize = 64 * 1024;
 
-/// Connects and reconnects until shutdown.
+/// Connects and reconnects until shutdown, waiting as [`Backoff`] says between attempts.
 pub(super) fn run(
     index: u32,
     config: &ClientConfig,
@@ -38,7 +40,15 @@ pub(super) fn run(
     slot: &Slot,
     stats: &ClientStats,
 ) {
+    let mut backoff = Backoff::new(
+        config.reconnect_delay,
+        config.reconnect_max_delay,
+        config.reconnect_jitter,
+    );
+    // Since when the connection has been down, and how many attempts failed since.
+    let mut outage: Option<(Instant, u32)> = None;
     loop {
+        let mut retry_after = None;
         let outcome = match dialer.connect(config, index) {
             Ok(Connected {
                 mut socket,
@@ -47,20 +57,42 @@ pub(super) fn run(
             }) => {
                 stats.connection_opened();
                 let url = dialer.describe(protocol.as_deref());
-                info!("[Connection {index}] Connected to {url}");
+                match outage.take() {
+                    Some((since, attempts)) => {
+                        stats.add(Counter::Reconnects, 1);
+                        info!(
+                            "[Connection {index}] Connected to {url} after {} down ({} failed)",
+                            Seconds(since.elapsed()),
+                            crate::count(attempts as usize, "attempt")
+                        );
+                    }
+                    None => info!("[Connection {index}] Connected to {url}"),
+                }
                 if dialer.insecure {
                     warn!("[Connection {index}] The server's certificate was not verified (--insecure)");
                 }
+                let activity = Arc::new(Activity::new());
                 set_slot(slot, Some(stream.clone()));
                 let outcome =
-                    Session::new(index, &url, config, shutdown, &stream, stats).hold(&mut socket);
+                    Session::new(index, &url, config, shutdown, &stream, stats, &activity)
+                        .hold(&mut socket);
                 set_slot(slot, None);
-                stats.connection_ended(outcome.reason());
+                stats.connection_ended(outcome.reason(), activity.opened().elapsed());
+                backoff.connected_for(activity.opened().elapsed());
+                if let Outcome::Lost(ending) = &outcome {
+                    stats.add(Counter::Losses, 1);
+                    warn!(
+                        "[Connection {index}] Connection lost: {}",
+                        ending.describe(&activity.snapshot())
+                    );
+                }
                 outcome
             }
             Err(error) => {
                 stats.attempt_failed(error.cause);
-                Outcome::Failed(error)
+                warn!("[Connection {index}] Connection failed: {error}");
+                retry_after = error.retry_after;
+                Outcome::Failed
             }
         };
         match outcome {
@@ -69,21 +101,29 @@ pub(super) fn run(
                 debug!("[Connection {index}] Sent all its messages; connecting again");
                 continue;
             }
-            Outcome::Lost(ending) => {
-                stats.add(Counter::Losses, 1);
-                warn!("[Connection {index}] Connection lost: {ending}");
-            }
-            Outcome::Failed(error) => warn!("[Connection {index}] Connection failed: {error}"),
+            Outcome::Lost(_) => outage = Some((Instant::now(), 0)),
+            Outcome::Failed => outage.get_or_insert((Instant::now(), 0)).1 += 1,
         }
         if shutdown.is_requested() {
             return;
         }
-        info!(
-            "[Connection {index}] Reconnecting in {:?}",
-            config.reconnect_delay
-        );
-        if shutdown.wait_timeout(config.reconnect_delay) {
+        let delay = backoff.next_delay(retry_after, unit_random());
+        info!("[Connection {index}] Reconnecting in {}", Millis(delay));
+        if shutdown.wait_timeout(delay) {
             return;
+        }
+    }
+}
+
+/// A delay as log lines show it: `5.0s`, `250ms`.
+struct Millis(Duration);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 < Duration::from_secs(1) {
+            write!(f, "{}ms", self.0.as_millis())
+        } else {
+            write!(f, "{:.1}s", self.0.as_secs_f64())
         }
     }
 }
@@ -320,6 +360,8 @@ fn read_token(path: &Path) -> Result<String, String> {
 pub(super) struct ConnectError {
     pub(super) cause: Failure,
     message: String,
+    /// How long the server asked us to wait (`Retry-After`).
+    retry_after: Option<Duration>,
 }
 
 impl ConnectError {
@@ -327,6 +369,15 @@ impl ConnectError {
         ConnectError {
             cause,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The same error, with the wait the server asked for.
+    pub(super) fn retry_after(self, wait: Option<Duration>) -> Self {
+        ConnectError {
+            retry_after: wait,
+            ..self
         }
     }
 
@@ -356,7 +407,7 @@ enum Outcome {
     /// The connection was lost.
     Lost(Ending),
     /// The connection could not be made.
-    Failed(ConnectError),
+    Failed,
 }
 
 impl Outcome {
@@ -366,7 +417,7 @@ impl Outcome {
             Outcome::Shutdown => Reason::Shutdown,
             Outcome::Finished => Reason::Finished,
             Outcome::Lost(ending) => ending.reason,
-            Outcome::Failed(_) => Reason::Error,
+            Outcome::Failed => Reason::Error,
         }
     }
 }
@@ -383,9 +434,13 @@ struct Session<'a> {
     shutdown: &'a Shutdown,
     stream: &'a SharedStream,
     stats: &'a ClientStats,
-    next_ping: Instant,
+    activity: &'a Activity,
+    /// The next ping; `None` with `--keepalive none`.
+    next_ping: Option<Instant>,
     pong_due: Option<Instant>,
     pings_sent: u64,
+    /// The last ping: its sequence number (its payload) and when it went out.
+    last_ping: Option<(u64, Instant)>,
     next_status: Instant,
     load: Option<Load>,
     /// Set once a close handshake is under way, by us or by the server.
@@ -420,6 +475,7 @@ impl<'a> Session<'a> {
         shutdown: &'a Shutdown,
         stream: &'a SharedStream,
         stats: &'a ClientStats,
+        activity: &'a Activity,
     ) -> Self {
         let start = Instant::now();
         Session {
@@ -429,9 +485,11 @@ impl<'a> Session<'a> {
             shutdown,
             stream,
             stats,
-            next_ping: start + config.ping_interval,
+            activity,
+            next_ping: (config.keepalive == Keepalive::Ping).then(|| start + config.ping_interval),
             pong_due: None,
             pings_sent: 0,
+            last_ping: None,
             next_status: start + config.status_interval,
             load: LoadConfig::from_config(config).map(|load| Load {
                 generator: Generator::new(load, index),
@@ -453,7 +511,10 @@ impl<'a> Session<'a> {
                 break self.lost(Ending::from_io(&error));
             }
             match socket.read() {
-                Ok(message) => self.on_message(message),
+                Ok(message) => {
+                    self.activity.heard();
+                    self.on_message(message);
+                }
                 Err(WsError::Io(error)) if net::is_timeout(&error) => {}
                 Err(error) => break self.on_error(&error),
             }
@@ -481,20 +542,29 @@ impl<'a> Session<'a> {
                 format!("no pong within {waited:?}"),
             )));
         }
-        if now >= self.next_ping {
+        if self.next_ping.is_some_and(|due| now >= due) {
             self.pings_sent += 1;
             let ping = Message::Ping(self.pings_sent.to_be_bytes().to_vec().into());
             if let Err(error) = socket.send(ping) {
                 return Some(self.lost(failed("ping", &error)));
             }
             self.stats.add(Counter::Pings, 1);
+            self.last_ping = Some((self.pings_sent, now));
             self.pong_due.get_or_insert(now + self.config.pong_timeout);
-            self.next_ping = now + self.config.ping_interval;
+            self.next_ping = Some(now + self.config.ping_interval);
         }
         if now >= self.next_status {
+            let activity = self.activity.snapshot();
+            let rtt = activity
+                .last_rtt
+                .map(|rtt| format!(", last rtt {:.2}ms", rtt.as_secs_f64() * 1000.0))
+                .unwrap_or_default();
             info!(
-                "[Connection {}] Connection status: CONNECTED to {}",
-                self.index, self.url
+                "[Connection {}] Connection status: CONNECTED to {} (up {}, {}{rtt})",
+                self.index,
+                self.url,
+                Seconds(activity.age),
+                crate::count(activity.pongs as usize, "pong"),
             );
             self.next_status = now + self.config.status_interval;
         }
@@ -510,9 +580,12 @@ impl<'a> Session<'a> {
             return None;
         }
         if let Some(due) = load.next_send.filter(|due| now >= *due) {
-            if let Err(error) = socket.send(Message::Binary(load.generator.next_message())) {
+            let message = load.generator.next_message();
+            let size = message.len();
+            if let Err(error) = socket.send(Message::Binary(message)) {
                 return Some(self.lost(failed("send", &error)));
             }
+            self.activity.sent(size);
             // Keep the rate, but never try to catch up with a burst.
             load.next_send = load.generator.next_send(due).map(|next| next.max(now));
         }
@@ -523,6 +596,7 @@ impl<'a> Session<'a> {
     fn on_message(&mut self, message: Message) {
         match message {
             Message::Binary(echo) => {
+                self.activity.received(echo.len());
                 let finished = self.closing.as_ref().is_some_and(|c| c.finished);
                 if let Some(load) = &mut self.load {
                     load.generator.on_echo(&echo);
@@ -531,8 +605,15 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            Message::Pong(_) if self.pong_due.take().is_some() => {
+            Message::Pong(payload) if self.pong_due.take().is_some() => {
                 self.stats.add(Counter::Pongs, 1);
+                if let Some((seq, sent)) = self.last_ping {
+                    if payload[..] == seq.to_be_bytes() {
+                        let rtt = sent.elapsed();
+                        self.activity.pong(rtt);
+                        self.stats.ping_rtt(rtt);
+                    }
+                }
                 debug!("[Connection {}] pong", self.index);
             }
             Message::Close(frame) => {
@@ -632,16 +713,10 @@ impl<'a> Session<'a> {
             return closing.deadline;
         }
         let next_send = self.load.as_ref().and_then(|load| load.next_send);
-        [
-            Some(self.next_ping),
-            Some(self.next_status),
-            self.pong_due,
-            next_send,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .expect("pings are always scheduled")
+        [self.next_ping, self.pong_due, next_send]
+            .into_iter()
+            .flatten()
+            .fold(self.next_status, Instant::min)
     }
 }
 

@@ -139,13 +139,19 @@ pub(super) fn upgrade(
         })?;
     if head.status != 101 {
         let line = response::body_line(stream, tcp, deadline, &head, after);
+        // A 503 or 429 may say when to come back (in seconds; an HTTP date is not read).
+        let retry_after = head
+            .get("Retry-After")
+            .and_then(|value| value.trim().parse().ok())
+            .map(std::time::Duration::from_secs);
         return Err(ConnectError::new(
             Failure::Refused,
             format!(
                 "handshake failed: server answered {}",
                 head.summary(line.as_deref())
             ),
-        ));
+        )
+        .retry_after(retry_after));
     }
     let protocol = check_upgrade(&head, &key, &request.protocols)?;
     Ok(Upgraded {

@@ -1,6 +1,7 @@
 //! The client: holds `--connections` WebSocket connections, each on its own named thread
 //! (`client-N`), and closes them all with 1000 on shutdown.
 
+mod backoff;
 mod connection;
 mod handshake;
 mod load;

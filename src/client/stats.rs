@@ -99,11 +99,13 @@ pub enum Counter {
     Pings,
     /// Pongs received for them.
     Pongs,
+    /// Connections made again after a loss or failed attempts.
+    Reconnects,
 }
 
 impl Counter {
     /// Number of counters.
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
 }
 
 impl Default for ClientStats {
@@ -158,10 +160,12 @@ impl ClientStats {
         self.connections_up.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn connection_ended(&self, reason: Reason) {
+    pub(super) fn connection_ended(&self, reason: Reason, _lasted: std::time::Duration) {
         self.connections_up.fetch_sub(1, Ordering::Relaxed);
         self.ended[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
+
+    pub(super) fn ping_rtt(&self, _rtt: std::time::Duration) {}
 
     /// Adds a connection's local counts and zeroes them.
     pub(super) fn add_all(&self, local: &mut [u64; Counter::COUNT]) {

@@ -149,12 +149,16 @@ impl TestServer {
     }
 }
 
-/// Timings of every test client (flags given to [`TestClient::start`] replace these).
-pub const FAST: [(&str, &str); 5] = [
+/// Timings of every test client (flags given to [`TestClient::start`] replace these). The
+/// reconnect delay is fixed, as in the design document (no backoff, no jitter), unless a
+/// test asks for more.
+pub const FAST: [(&str, &str); 7] = [
     ("--ping-interval", "100ms"),
     ("--pong-timeout", "300ms"),
     ("--status-interval", "200ms"),
     ("--reconnect-delay", "300ms"),
+    ("--reconnect-max-delay", "300ms"),
+    ("--reconnect-jitter", "0"),
     ("--connect-timeout", "2s"),
 ];
 
