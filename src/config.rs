@@ -312,6 +312,15 @@ pub struct ClientConfig {
     #[arg(long, env = "WEBSOCKET_TEST_DURATION", value_parser = parse_interval)]
     pub duration: Option<Duration>,
 
+    /// Serve the client's Prometheus metrics, /healthz, /readyz and /debug/connections on
+    /// this port (0 picks a free one) [default: off]
+    #[arg(long, env = "WEBSOCKET_TEST_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+
+    /// Address the metrics port listens on (with --metrics-port)
+    #[arg(long, env = "WEBSOCKET_TEST_METRICS_HOST", default_value = "0.0.0.0", value_parser = parse_host)]
+    pub metrics_host: IpAddr,
+
     /// Log level: off, error, warn, info, debug or trace
     #[arg(long, env = "WEBSOCKET_TEST_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: LevelFilter,

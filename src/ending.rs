@@ -11,7 +11,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Error as WsError;
 
 /// Why a connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
     /// The peer sent a Close frame.
     PeerClose,

@@ -14,6 +14,7 @@
 //! - [`server`]: accept loop, opening handshake, echo threads, connection registry.
 //! - [`client`]: connection threads: connect, ping, status, reconnect; their counters.
 //! - [`ending`]: how a connection ended, the words both sides log and count it with.
+//! - `debug`: `/debug/connections`, every live connection with its thread.
 //! - `activity`: what a connection did (messages, bytes, silence, round trip), lock-free.
 //! - `stream`: the socket shared between a connection's thread and shutdown.
 //! - `frame`: the Close frames written from outside a connection's thread.
@@ -31,6 +32,7 @@
 mod activity;
 pub mod client;
 pub mod config;
+mod debug;
 pub mod ending;
 pub mod error;
 mod frame;

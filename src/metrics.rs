@@ -234,3 +234,124 @@ mod tests {
         assert_eq!(body.lines().count(), 1, "{body}");
     }
 }
+
+/// Connection lifetimes in seconds: a bound just below and just above each cut-off that
+/// names a middlebox, 60 s (nginx, ALB idle), 350 s (AWS NLB idle), 3600 s (an hourly reset).
+pub(crate) const DURATION_BUCKETS: [f64; 17] = [
+    1.0, 5.0, 10.0, 30.0, 55.0, 65.0, 120.0, 300.0, 340.0, 360.0, 600.0, 1800.0, 3500.0, 3700.0,
+    7200.0, 21600.0, 86400.0,
+];
+
+/// Round trips in seconds, from loopback to an intercontinental path under load.
+pub(crate) const RTT_BUCKETS: [f64; 15] = [
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A histogram of durations with fixed buckets, `histogram_opts` style.
+pub(crate) fn histogram(name: &str, help: &str, buckets: &[f64]) -> prometheus::Histogram {
+    prometheus::Histogram::with_opts(
+        prometheus::HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+    )
+    .expect("valid histogram")
+}
+
+/// Builders for metric families whose values live elsewhere (the client's atomics), for a
+/// text exposition without a second copy of every count.
+pub(crate) mod family {
+    use prometheus::proto::{
+        Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+    };
+
+    /// A family of `kind` named `name`, one sample per `(labels, metric)`.
+    fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+        let mut family = MetricFamily::default();
+        family.set_name(name.to_owned());
+        family.set_help(help.to_owned());
+        family.set_field_type(kind);
+        family.set_metric(metrics);
+        family
+    }
+
+    fn labelled(labels: &[(&str, &str)]) -> Metric {
+        let mut metric = Metric::default();
+        metric.set_label(
+            labels
+                .iter()
+                .map(|(name, value)| {
+                    let mut pair = LabelPair::default();
+                    pair.set_name((*name).to_owned());
+                    pair.set_value((*value).to_owned());
+                    pair
+                })
+                .collect(),
+        );
+        metric
+    }
+
+    /// A counter family.
+    pub(crate) fn counter(
+        name: &str,
+        help: &str,
+        samples: &[(&[(&str, &str)], u64)],
+    ) -> MetricFamily {
+        let metrics = samples
+            .iter()
+            .map(|(labels, value)| {
+                let mut metric = labelled(labels);
+                let mut counter = Counter::default();
+                counter.set_value(*value as f64);
+                metric.set_counter(counter);
+                metric
+            })
+            .collect();
+        family(name, help, MetricType::COUNTER, metrics)
+    }
+
+    /// A gauge family with one sample.
+    pub(crate) fn gauge(
+        name: &str,
+        help: &str,
+        samples: &[(&[(&str, &str)], f64)],
+    ) -> MetricFamily {
+        let metrics = samples
+            .iter()
+            .map(|(labels, value)| {
+                let mut metric = labelled(labels);
+                let mut gauge = Gauge::default();
+                gauge.set_value(*value);
+                metric.set_gauge(gauge);
+                metric
+            })
+            .collect();
+        family(name, help, MetricType::GAUGE, metrics)
+    }
+
+    /// A histogram family with one sample: `cumulative[i]` observations at most `bounds[i]`.
+    pub(crate) fn histogram(
+        name: &str,
+        help: &str,
+        bounds: &[f64],
+        cumulative: &[u64],
+        count: u64,
+        sum: f64,
+    ) -> MetricFamily {
+        let mut histogram = Histogram::default();
+        histogram.set_sample_count(count);
+        histogram.set_sample_sum(sum);
+        histogram.set_bucket(
+            bounds
+                .iter()
+                .zip(cumulative)
+                .map(|(bound, below)| {
+                    let mut bucket = Bucket::default();
+                    bucket.set_upper_bound(*bound);
+                    bucket.set_cumulative_count(*below);
+                    bucket
+                })
+                .collect(),
+        );
+        let mut metric = Metric::default();
+        metric.set_histogram(histogram);
+        family(name, help, MetricType::HISTOGRAM, vec![metric])
+    }
+}

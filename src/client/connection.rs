@@ -16,7 +16,7 @@ use super::handshake::{self, Request};
 use super::load::{Generator, LoadConfig};
 use super::proxy::{self, Route};
 use super::stats::{ClientStats, Counter, Failure};
-use super::{Slot, CLOSE_TIMEOUT};
+use super::{Live, Slot, CLOSE_TIMEOUT};
 use crate::activity::{Activity, Seconds};
 use crate::config::{check_token, ClientConfig, Keepalive, Secret, Target};
 use crate::ending::{describe_close, Ending, Reason};
@@ -72,12 +72,25 @@ pub(super) fn run(
                     warn!("[Connection {index}] The server's certificate was not verified (--insecure)");
                 }
                 let activity = Arc::new(Activity::new());
-                set_slot(slot, Some(stream.clone()));
+                set_slot(
+                    slot,
+                    Some(Live {
+                        stream: stream.clone(),
+                        activity: activity.clone(),
+                        url: url.clone(),
+                        thread: format!("client-{index}"),
+                        tid: crate::debug::thread_id(),
+                    }),
+                );
                 let outcome =
                     Session::new(index, &url, config, shutdown, &stream, stats, &activity)
                         .hold(&mut socket);
                 set_slot(slot, None);
-                stats.connection_ended(outcome.reason(), activity.opened().elapsed());
+                stats.connection_ended(
+                    outcome.reason(),
+                    outcome.code(),
+                    activity.opened().elapsed(),
+                );
                 backoff.connected_for(activity.opened().elapsed());
                 if let Outcome::Lost(ending) = &outcome {
                     stats.add(Counter::Losses, 1);
@@ -128,10 +141,8 @@ impl std::fmt::Display for Millis {
     }
 }
 
-fn set_slot(slot: &Slot, stream: Option<Arc<SharedStream>>) {
-    *slot
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = stream;
+fn set_slot(slot: &Slot, live: Option<Live>) {
+    *super::lock(slot) = live;
 }
 
 /// How every connection of a client reaches the server: the target, the route (directly
@@ -411,6 +422,15 @@ enum Outcome {
 }
 
 impl Outcome {
+    /// The Close code of a lost connection's ending; a normal close's 1000.
+    fn code(&self) -> Option<u16> {
+        match self {
+            Outcome::Shutdown | Outcome::Finished => Some(1000),
+            Outcome::Lost(ending) => ending.code,
+            Outcome::Failed => None,
+        }
+    }
+
     /// The reason an established connection ended.
     fn reason(&self) -> Reason {
         match self {

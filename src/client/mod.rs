@@ -5,10 +5,12 @@ mod backoff;
 mod connection;
 mod handshake;
 mod load;
+mod metrics;
 mod proxy;
 mod response;
 mod stats;
 
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -25,6 +27,7 @@ use crate::stream::{close_all, SharedStream};
 use crate::threads::{self, Helpers};
 use connection::Dialer;
 use load::LoadConfig;
+use metrics::ClientEndpoint;
 pub use stats::{ClientStats, Counter, Failure};
 
 /// Stack of a connection thread: the handshake (URL and HTTP parsing) needs more than the
@@ -35,14 +38,31 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_millis(600);
 /// After that, how long to wait for the threads of connections that were shut down.
 const ABORT_GRACE: Duration = Duration::from_millis(200);
 
-/// The socket each connection thread currently holds, so shutdown can reach it.
-type Slot = Mutex<Option<Arc<SharedStream>>>;
+/// The connection each connection thread holds now: shutdown reaches its socket,
+/// `/debug/connections` shows it.
+type Slot = Mutex<Option<Live>>;
+
+/// A connection as shutdown and `/debug/connections` see it.
+#[derive(Clone)]
+struct Live {
+    stream: Arc<SharedStream>,
+    activity: Arc<crate::activity::Activity>,
+    url: String,
+    thread: String,
+    tid: Option<u32>,
+}
+
+fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, Option<Live>> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// A client not yet running, with the counters its connections will keep.
 pub struct Client {
     config: Arc<ClientConfig>,
     dialer: Arc<Dialer>,
     stats: Arc<ClientStats>,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Client {
@@ -54,11 +74,29 @@ impl Client {
         if dialer.insecure {
             warn!("--insecure: server certificates are not verified; connections are encrypted but not authenticated");
         }
+        let metrics_listener = match config.metrics_port {
+            Some(port) => {
+                let addr = SocketAddr::new(config.metrics_host, port);
+                Some(
+                    crate::net::bind_listener(addr)
+                        .map_err(|source| Error::Bind { addr, source })?,
+                )
+            }
+            None => None,
+        };
         Ok(Client {
             config: Arc::new(config),
             dialer: Arc::new(dialer),
             stats: Arc::default(),
+            metrics_listener,
         })
+    }
+
+    /// The bound metrics address, with `--metrics-port`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
     }
 
     /// The counters, readable while [`run`](Self::run) goes on.
@@ -69,13 +107,25 @@ impl Client {
     /// Runs the connections until `shutdown` is requested (or `--duration` has passed);
     /// returns within about a second of it, after logging the final summary in load mode.
     pub fn run(self, shutdown: Shutdown) -> Result<()> {
+        let metrics_addr = self.metrics_addr();
         let Client {
             config,
             dialer,
             stats,
+            metrics_listener,
         } = self;
         let load = LoadConfig::from_config(&config).is_some();
         let slots: Arc<[Slot]> = (0..config.connections).map(|_| Mutex::new(None)).collect();
+        let endpoint = match metrics_listener {
+            Some(listener) => {
+                let endpoint = ClientEndpoint::start(listener, stats.clone(), slots.clone())?;
+                if let Some(addr) = metrics_addr {
+                    info!("Metrics on http://{addr}/metrics");
+                }
+                Some(endpoint)
+            }
+            None => None,
+        };
         // The connection threads and the reporter stop on `stop`: a signal, or the end of
         // `--duration`.
         let mut helpers = Helpers::new();
@@ -145,15 +195,14 @@ impl Client {
             _ => shutdown.wait(),
         }
         helpers.trigger();
+        if let Some(endpoint) = &endpoint {
+            endpoint.set_not_ready();
+        }
         info!("Shutting down: closing connections");
         let live = || {
             slots
                 .iter()
-                .filter_map(|slot| {
-                    slot.lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .clone()
-                })
+                .filter_map(|slot| Some(lock(slot).as_ref()?.stream.clone()))
                 .collect()
         };
         let frame = || close_frame(Role::Client, CloseCode::Normal, "client shutting down");

@@ -2,6 +2,7 @@
 //! of connections by [`Reason`], pings and pongs, and in load mode messages, bytes and
 //! round trips. Tests and the summary line read them; nothing here blocks a connection.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -10,6 +11,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 
 use crate::ending::Reason;
+use crate::metrics;
 
 /// Round trips above this are recorded as this (microseconds).
 pub(super) const MAX_RTT_MICROS: u64 = 60_000_000;
@@ -66,9 +68,14 @@ impl Failure {
 pub struct ClientStats {
     connections_up: AtomicI64,
     counters: [AtomicU64; Counter::COUNT],
-    ended: [AtomicU64; Reason::ALL.len()],
+    /// Ended connections by reason and Close code (changed once per connection: a lock).
+    ended: Mutex<BTreeMap<(Reason, Option<u16>), u64>>,
     failed: [AtomicU64; Failure::ALL.len()],
     rtt_micros: Mutex<Histogram<u64>>,
+    /// How long connections lasted, in seconds.
+    pub(super) durations: prometheus::Histogram,
+    /// Ping round trips, in seconds.
+    pub(super) ping_rtts: prometheus::Histogram,
 }
 
 /// The things counted.
@@ -113,9 +120,19 @@ impl Default for ClientStats {
         ClientStats {
             connections_up: AtomicI64::new(0),
             counters: Default::default(),
-            ended: Default::default(),
+            ended: Mutex::default(),
             failed: Default::default(),
             rtt_micros: Mutex::new(new_histogram()),
+            durations: metrics::histogram(
+                "websocket_client_connection_duration_seconds",
+                "How long connections lasted, from the upgrade to their end",
+                &metrics::DURATION_BUCKETS,
+            ),
+            ping_rtts: metrics::histogram(
+                "websocket_client_ping_rtt_seconds",
+                "Ping to pong round trips",
+                &metrics::RTT_BUCKETS,
+            ),
         }
     }
 }
@@ -142,7 +159,32 @@ impl ClientStats {
 
     /// Connections that ended for `reason` so far.
     pub fn ended(&self, reason: Reason) -> u64 {
-        self.ended[reason.index()].load(Ordering::Relaxed)
+        self.endings()
+            .iter()
+            .filter(|((r, _), _)| *r == reason)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Connections that ended for `reason` with Close `code` (ours or the server's) so far.
+    pub fn ended_with(&self, reason: Reason, code: Option<u16>) -> u64 {
+        self.endings().get(&(reason, code)).copied().unwrap_or(0)
+    }
+
+    /// Every (reason, code) that ended a connection, with its count.
+    pub(super) fn endings(&self) -> BTreeMap<(Reason, Option<u16>), u64> {
+        self.ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Connections open now as counted, with histograms and the load mode's round trips.
+    pub(super) fn echo_rtts(&self) -> Histogram<u64> {
+        self.rtt_micros
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Connection attempts that failed for `cause` so far.
@@ -160,12 +202,25 @@ impl ClientStats {
         self.connections_up.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn connection_ended(&self, reason: Reason, _lasted: std::time::Duration) {
+    pub(super) fn connection_ended(
+        &self,
+        reason: Reason,
+        code: Option<u16>,
+        lasted: std::time::Duration,
+    ) {
         self.connections_up.fetch_sub(1, Ordering::Relaxed);
-        self.ended[reason.index()].fetch_add(1, Ordering::Relaxed);
+        *self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((reason, code))
+            .or_default() += 1;
+        self.durations.observe(lasted.as_secs_f64());
     }
 
-    pub(super) fn ping_rtt(&self, _rtt: std::time::Duration) {}
+    pub(super) fn ping_rtt(&self, rtt: std::time::Duration) {
+        self.ping_rtts.observe(rtt.as_secs_f64());
+    }
 
     /// Adds a connection's local counts and zeroes them.
     pub(super) fn add_all(&self, local: &mut [u64; Counter::COUNT]) {

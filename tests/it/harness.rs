@@ -165,6 +165,8 @@ pub const FAST: [(&str, &str); 7] = [
 /// A client running on a thread named `test-client`.
 pub struct TestClient {
     stats: Arc<ClientStats>,
+    /// The metrics address, with `--metrics-port`.
+    pub metrics: Option<SocketAddr>,
     runner: Runner,
 }
 
@@ -190,11 +192,15 @@ impl TestClient {
         let config =
             ClientConfig::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         let client = Client::new(config).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        let stats = client.stats();
+        let (stats, metrics) = (client.stats(), client.metrics_addr());
         let runner = Runner::start("test-client", move |shutdown| {
             client.run(shutdown).map_err(|e| e.to_string())
         });
-        TestClient { stats, runner }
+        TestClient {
+            stats,
+            metrics,
+            runner,
+        }
     }
 
     /// The client's counters.

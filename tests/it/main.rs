@@ -12,6 +12,7 @@ mod harness;
 mod hostile;
 mod metrics_http;
 mod pki;
+mod probe;
 mod process;
 mod server;
 mod server_process;

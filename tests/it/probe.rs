@@ -1,0 +1,230 @@
+//! The client as a connection-survival probe: how a restart, a cut and silence show in its
+//! counters and metrics, the reconnect schedule, `--keepalive none`, and its metrics port.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tungstenite::Message;
+use websocket_test::client::Counter;
+use websocket_test::ending::Reason;
+
+use crate::harness::{TestClient, TestServer};
+use crate::support::{self, patience, TIMER_SLACK};
+
+/// The client's metrics address (`--metrics-port 0 --metrics-host 127.0.0.1`).
+const METRICS: [&str; 4] = ["--metrics-port", "0", "--metrics-host", "127.0.0.1"];
+
+#[test]
+fn a_server_restart_moves_the_counters_by_one_disconnect_and_one_reconnect() {
+    let mut first = TestServer::start(&[]);
+    let port = first.addr.port();
+    let client = TestClient::start(first.addr, &METRICS);
+    let metrics = client.metrics.expect("a metrics port");
+    client.wait("connected", Duration::from_secs(5), |s| {
+        s.connections_up() == 1
+    });
+    assert_eq!(support::http_get(metrics, "/readyz").0, 200);
+
+    first.shut_down();
+    first.wait_stopped(Duration::from_secs(10));
+    // Down: not ready. The loss is one disconnect, by the server's Close 1001.
+    client.wait("the loss", Duration::from_secs(5), |s| {
+        s.connections_up() == 0
+    });
+    assert_eq!(support::http_get(metrics, "/readyz").0, 503);
+    let second = TestServer::start_on(port, &[]);
+    client.wait("the reconnect", Duration::from_secs(5), |s| {
+        s.get(Counter::Reconnects) == 1 && s.connections_up() == 1
+    });
+    second.wait_settled(1);
+
+    let stats = client.stats();
+    assert_eq!(stats.ended_with(Reason::PeerClose, Some(1001)), 1);
+    assert_eq!(stats.get(Counter::Losses), 1);
+    for (series, value) in [
+        ("websocket_client_connections", 1.0),
+        ("websocket_client_reconnects_total", 1.0),
+        (
+            "websocket_client_disconnects_total{code=\"1001\",reason=\"peer_close\"}",
+            1.0,
+        ),
+        ("websocket_client_connection_duration_seconds_count", 1.0),
+    ] {
+        assert_eq!(support::metric(metrics, series), value, "{series}");
+    }
+    assert!(support::metric(metrics, "websocket_client_pongs_total") >= 0.0);
+    assert_eq!(support::http_get(metrics, "/readyz").0, 200);
+}
+
+/// Records when each connection attempt arrives, and closes it.
+struct Arrivals {
+    times: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Arrivals {
+    fn listen(port: u16) -> Arrivals {
+        let deadline = Instant::now() + patience();
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", port)) {
+                Ok(listener) => break listener,
+                Err(error) => assert!(Instant::now() < deadline, "rebind {port}: {error}"),
+            }
+            thread::sleep(Duration::from_millis(5)); // polling interval
+        };
+        let times = Arc::new(Mutex::new(Vec::new()));
+        thread::spawn({
+            let times = times.clone();
+            move || {
+                for tcp in listener.incoming() {
+                    let Ok(tcp) = tcp else { return };
+                    times.lock().unwrap().push(Instant::now());
+                    drop(tcp);
+                }
+            }
+        });
+        Arrivals { times }
+    }
+
+    fn times(&self) -> Vec<Instant> {
+        self.times.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn connections_cut_together_come_back_spread_over_the_jitter_window() {
+    const CONNECTIONS: usize = 200;
+    const DELAY: Duration = Duration::from_secs(1);
+    const JITTER: f64 = 0.5;
+    let mut server = TestServer::start(&[]);
+    let port = server.addr.port();
+    let client = TestClient::start(
+        server.addr,
+        &[
+            "--connections",
+            "200",
+            "--reconnect-delay",
+            "1s",
+            "--reconnect-max-delay",
+            "1s",
+            "--reconnect-jitter",
+            "0.5",
+            "--ping-interval",
+            "10s",
+        ],
+    );
+    client.wait("200 connections", Duration::from_secs(10), |s| {
+        s.connections_up() == CONNECTIONS as i64
+    });
+    let cut = Instant::now();
+    server.shut_down();
+    server.wait_stopped(Duration::from_secs(10));
+    let arrivals = Arrivals::listen(port);
+    support::wait_within(
+        "every connection tries again",
+        DELAY.mul_f64(1.0 + JITTER) + Duration::from_secs(3),
+        || arrivals.times().len() >= CONNECTIONS,
+    );
+    let times = arrivals.times();
+    let first = times.iter().min().unwrap().duration_since(cut);
+    let last = times.iter().max().unwrap().duration_since(cut);
+    // Nobody came back before the shortest wait the jitter allows...
+    assert!(
+        first >= DELAY.mul_f64(1.0 - JITTER) - TIMER_SLACK,
+        "a connection came back {first:?} after the cut"
+    );
+    // ... and they did not come back in one wave: uniform over a 1 s window, 200 arrivals
+    // span most of it (a wave would span milliseconds).
+    assert!(
+        last - first >= DELAY.mul_f64(JITTER),
+        "{CONNECTIONS} reconnects arrived within {:?}",
+        last - first
+    );
+}
+
+#[test]
+fn keepalive_none_sends_no_frame_and_still_answers_pings() {
+    const LISTEN: Duration = Duration::from_millis(600);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let peer = thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(LISTEN)).unwrap();
+        let mut ws = tungstenite::accept(tcp).unwrap();
+        // Six of the client's 100 ms ping intervals without a frame from it.
+        let silent = match ws.read() {
+            Err(tungstenite::Error::Io(e)) => {
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                )
+            }
+            other => panic!("the client sent {other:?}"),
+        };
+        // It still answers a ping of ours.
+        ws.get_mut().set_read_timeout(Some(patience())).unwrap();
+        ws.send(Message::Ping(b"there?".to_vec().into())).unwrap();
+        let Message::Pong(pong) = ws.read().unwrap() else {
+            panic!("expected a pong");
+        };
+        (silent, pong, ws)
+    });
+    let client = TestClient::start(addr, &["--keepalive", "none"]);
+    // The peer hands its socket back, so the connection is still up while we look.
+    let (silent, pong, _ws) = peer.join().unwrap();
+    assert!(silent);
+    assert_eq!(&pong[..], b"there?");
+    assert_eq!(client.stats().get(Counter::Pings), 0);
+    assert_eq!(client.stats().get(Counter::Losses), 0);
+}
+
+#[test]
+fn the_metrics_port_shows_live_connections_with_their_threads() {
+    let server = TestServer::start(&[]);
+    let client = TestClient::start(
+        server.addr,
+        &[&METRICS[..], &["--connections", "2"]].concat(),
+    );
+    let metrics = client.metrics.expect("a metrics port");
+    client.wait(
+        "two connections with a round trip",
+        Duration::from_secs(5),
+        |s| s.connections_up() == 2 && s.get(Counter::Pongs) >= 2,
+    );
+    let (status, response) = support::http_get(metrics, "/debug/connections");
+    assert_eq!(status, 200, "{response}");
+    for n in [1, 2] {
+        assert!(
+            response.contains(&format!("\"thread\": \"client-{n}\"")),
+            "{response}"
+        );
+    }
+    assert!(
+        response.contains(&format!("\"peer\": \"{}\"", server.url())),
+        "{response}"
+    );
+    // The thread ids are this process's threads.
+    let tids: Vec<u32> = response
+        .split("\"tid\": ")
+        .skip(1)
+        .filter_map(|rest| rest.split(',').next()?.parse().ok())
+        .collect();
+    assert_eq!(tids.len(), 2, "{response}");
+    for tid in tids {
+        assert!(
+            std::path::Path::new(&format!("/proc/self/task/{tid}")).exists(),
+            "no thread {tid}"
+        );
+    }
+    let (_, body) = support::http_get(metrics, "/metrics");
+    for family in [
+        "websocket_client_connections 2",
+        "websocket_client_connect_failures_total{cause=\"tls\"} 0",
+        "# TYPE websocket_client_ping_rtt_seconds histogram",
+        "# TYPE websocket_client_echo_rtt_seconds histogram",
+    ] {
+        assert!(body.contains(family), "no {family:?} in\n{body}");
+    }
+    assert!(support::metric(metrics, "websocket_client_ping_rtt_seconds_count") >= 2.0);
+}
