@@ -312,6 +312,23 @@ pub struct ClientConfig {
     #[arg(long, env = "WEBSOCKET_TEST_DURATION", value_parser = parse_interval)]
     pub duration: Option<Duration>,
 
+    /// Instead of holding connections: find how long the path lets a silent connection
+    /// live (hold one silent for growing periods, then ping), report it and exit
+    #[arg(long, env = "WEBSOCKET_TEST_FIND_IDLE_TIMEOUT")]
+    pub find_idle_timeout: bool,
+
+    /// --find-idle-timeout: the first silence tried (it doubles until a connection dies)
+    #[arg(long, env = "WEBSOCKET_TEST_FIND_IDLE_START", default_value = "10s", value_parser = parse_interval)]
+    pub find_idle_start: Duration,
+
+    /// --find-idle-timeout: stop doubling past this silence
+    #[arg(long, env = "WEBSOCKET_TEST_FIND_IDLE_MAX", default_value = "1h", value_parser = parse_interval)]
+    pub find_idle_max: Duration,
+
+    /// --find-idle-timeout: stop once the limit is known this closely
+    #[arg(long, env = "WEBSOCKET_TEST_FIND_IDLE_PRECISION", default_value = "1s", value_parser = parse_interval)]
+    pub find_idle_precision: Duration,
+
     /// Serve the client's Prometheus metrics, /healthz, /readyz and /debug/connections on
     /// this port (0 picks a free one) [default: off]
     #[arg(long, env = "WEBSOCKET_TEST_METRICS_PORT")]

@@ -214,7 +214,11 @@ impl Dialer {
 
     /// TCP connect (to the proxy, then CONNECT through it), TLS handshake and WebSocket
     /// upgrade, all within the connect timeout.
-    fn connect(&self, config: &ClientConfig, index: u32) -> Result<Connected, ConnectError> {
+    pub(super) fn connect(
+        &self,
+        config: &ClientConfig,
+        index: u32,
+    ) -> Result<Connected, ConnectError> {
         let target = &self.target;
         let deadline = Instant::now() + config.connect_timeout;
         let tcp = match &self.route.proxy {
@@ -274,11 +278,11 @@ impl Dialer {
 }
 
 /// An established connection.
-struct Connected {
-    socket: WebSocket<WsStream>,
-    stream: Arc<SharedStream>,
+pub(super) struct Connected {
+    pub(super) socket: WebSocket<WsStream>,
+    pub(super) stream: Arc<SharedStream>,
     /// The subprotocol the server picked.
-    protocol: Option<String>,
+    pub(super) protocol: Option<String>,
 }
 
 /// Resolves `host` and connects to its first address that answers, by `deadline`.

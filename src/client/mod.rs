@@ -4,6 +4,7 @@
 mod backoff;
 mod connection;
 mod handshake;
+mod idle;
 mod load;
 mod metrics;
 mod proxy;
@@ -26,6 +27,7 @@ use crate::shutdown::Shutdown;
 use crate::stream::{close_all, SharedStream};
 use crate::threads::{self, Helpers};
 use connection::Dialer;
+pub use idle::IdleLimit;
 use load::LoadConfig;
 use metrics::ClientEndpoint;
 pub use stats::{ClientStats, Counter, Failure};
@@ -114,6 +116,9 @@ impl Client {
             stats,
             metrics_listener,
         } = self;
+        if config.find_idle_timeout {
+            return find_idle_timeout(&config, &dialer, &stats, &shutdown);
+        }
         let load = LoadConfig::from_config(&config).is_some();
         let slots: Arc<[Slot]> = (0..config.connections).map(|_| Mutex::new(None)).collect();
         let endpoint = match metrics_listener {
@@ -237,6 +242,50 @@ impl Client {
         info!("Client stopped");
         Ok(())
     }
+}
+
+/// `--find-idle-timeout`: the search runs on a thread of its own (`idle-finder`) while this
+/// one waits for it or for shutdown, which cuts the trial under way short.
+fn find_idle_timeout(
+    config: &Arc<ClientConfig>,
+    dialer: &Arc<Dialer>,
+    stats: &Arc<ClientStats>,
+    shutdown: &Shutdown,
+) -> Result<()> {
+    info!(
+        "Searching the idle timeout of the path to {}",
+        dialer.target
+    );
+    let current = Arc::new(Mutex::new(None));
+    let mut helpers = Helpers::new();
+    let stop = helpers.shutdown().clone();
+    let (done, finished) = crossbeam_channel::bounded::<()>(1);
+    helpers.spawn("idle-finder", {
+        let (config, dialer, stats, current) = (
+            config.clone(),
+            dialer.clone(),
+            stats.clone(),
+            current.clone(),
+        );
+        move || {
+            if let Some(limit) = idle::find(&config, &dialer, &stop, &current) {
+                stats.set_idle_limit(limit);
+            }
+            let _ = done.send(());
+        }
+    })?;
+    crossbeam_channel::select! {
+        recv(finished) -> _ => {}
+        recv(shutdown.receiver()) -> _ => {
+            helpers.trigger();
+            if let Some(stream) = current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+                stream.abort();
+            }
+        }
+    }
+    helpers.stop();
+    info!("Client stopped");
+    Ok(())
 }
 
 /// Runs a client for `config` until `shutdown` is requested: [`Client::new`] then

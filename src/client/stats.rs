@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
+use super::idle::IdleLimit;
 use crate::ending::Reason;
 use crate::metrics;
 
@@ -76,6 +77,8 @@ pub struct ClientStats {
     pub(super) durations: prometheus::Histogram,
     /// Ping round trips, in seconds.
     pub(super) ping_rtts: prometheus::Histogram,
+    /// What `--find-idle-timeout` found.
+    idle_limit: Mutex<Option<IdleLimit>>,
 }
 
 /// The things counted.
@@ -133,6 +136,7 @@ impl Default for ClientStats {
                 "Ping to pong round trips",
                 &metrics::RTT_BUCKETS,
             ),
+            idle_limit: Mutex::default(),
         }
     }
 }
@@ -185,6 +189,21 @@ impl ClientStats {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// What `--find-idle-timeout` found, once it is done.
+    pub fn idle_limit(&self) -> Option<IdleLimit> {
+        *self
+            .idle_limit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn set_idle_limit(&self, limit: IdleLimit) {
+        *self
+            .idle_limit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(limit);
     }
 
     /// Connection attempts that failed for `cause` so far.

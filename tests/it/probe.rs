@@ -228,3 +228,106 @@ fn the_metrics_port_shows_live_connections_with_their_threads() {
     }
     assert!(support::metric(metrics, "websocket_client_ping_rtt_seconds_count") >= 2.0);
 }
+
+/// A TCP proxy that cuts a connection through it after `idle` without a byte either way, as
+/// nginx's `proxy_read_timeout` or a load balancer's idle timeout does.
+struct IdleCutProxy {
+    addr: SocketAddr,
+}
+
+impl IdleCutProxy {
+    fn start(target: SocketAddr, idle: Duration) -> IdleCutProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let last = Arc::new(Mutex::new(Instant::now()));
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let last = last.clone();
+                    thread::spawn(move || splice(from, to, &last, idle));
+                }
+            }
+        });
+        IdleCutProxy { addr }
+    }
+}
+
+/// Copies `from` to `to` until either ends or nothing went either way for `idle`.
+fn splice(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    last: &Mutex<Instant>,
+    idle: Duration,
+) {
+    use std::io::{Read, Write};
+    // The watch interval: how often the proxy looks at the idle clock.
+    from.set_read_timeout(Some(Duration::from_millis(5)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                *last.lock().unwrap() = Instant::now();
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if last.lock().unwrap().elapsed() >= idle {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+#[test]
+fn the_idle_timeout_finder_reports_the_limit_a_proxy_enforces() {
+    const IDLE: Duration = Duration::from_millis(400);
+    const PRECISION: Duration = Duration::from_millis(50);
+    let server = TestServer::start(&[]);
+    let proxy = IdleCutProxy::start(server.addr, IDLE);
+    let mut client = TestClient::start(
+        proxy.addr,
+        &[
+            "--find-idle-timeout",
+            "--find-idle-start",
+            "100ms",
+            "--find-idle-precision",
+            "50ms",
+            "--find-idle-max",
+            "10s",
+        ],
+    );
+    client.wait("the search ends", Duration::from_secs(20), |s| {
+        s.idle_limit().is_some()
+    });
+    let limit = client.stats().idle_limit().unwrap();
+    let died = limit.died.expect("the proxy cut a connection");
+    // The proxy's limit lies between what survived and what died, give or take the
+    // proxy's own 5 ms watch interval and scheduling on a busy machine.
+    let slack = support::scaled(Duration::from_millis(60));
+    assert!(
+        limit.survived <= IDLE + slack && died + slack >= IDLE,
+        "found {limit:?} for a proxy that cuts after {IDLE:?}"
+    );
+    assert!(died - limit.survived <= PRECISION, "{limit:?}");
+    // Done by itself.
+    client.wait_stopped(Duration::from_secs(5));
+}
