@@ -54,9 +54,14 @@ pub(super) fn run(
                 mut socket,
                 stream,
                 protocol,
+                backend,
             }) => {
                 stats.connection_opened();
-                let url = dialer.describe(protocol.as_deref());
+                let mut url = dialer.describe(protocol.as_deref());
+                if let Some(backend) = &backend {
+                    url = format!("{url} (backend {backend})");
+                }
+                let _on_backend = stats.on_backend(backend.as_deref().unwrap_or("unknown"));
                 match outage.take() {
                     Some((since, attempts)) => {
                         stats.add(Counter::Reconnects, 1);
@@ -273,6 +278,7 @@ impl Dialer {
             socket,
             stream,
             protocol: upgraded.protocol,
+            backend: upgraded.backend,
         })
     }
 }
@@ -283,6 +289,8 @@ pub(super) struct Connected {
     pub(super) stream: Arc<SharedStream>,
     /// The subprotocol the server picked.
     pub(super) protocol: Option<String>,
+    /// The backend that answered (`X-Served-By`).
+    pub(super) backend: Option<String>,
 }
 
 /// Resolves `host` and connects to its first address that answers, by `deadline`.

@@ -112,6 +112,8 @@ pub(super) struct Upgraded {
     pub(super) leftover: Vec<u8>,
     /// The subprotocol the server picked, if any.
     pub(super) protocol: Option<String>,
+    /// The backend that answered, from its `X-Served-By` header (our server's --server-name).
+    pub(super) backend: Option<String>,
 }
 
 /// Sends `request` (with `token`, if any) and checks the server's answer by `deadline`.
@@ -157,6 +159,11 @@ pub(super) fn upgrade(
     Ok(Upgraded {
         leftover: after,
         protocol,
+        backend: head
+            .get("X-Served-By")
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(str::to_owned),
     })
 }
 

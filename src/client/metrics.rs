@@ -143,6 +143,21 @@ pub(super) fn render(stats: &ClientStats) -> prometheus::Result<Vec<u8>> {
         "Connections that ended, by reason and Close code (none without one)",
         &samples,
     ));
+    let backends = stats.backends();
+    let backend_labels: Vec<[(&str, &str); 1]> = backends
+        .keys()
+        .map(|backend| [("backend", backend.as_str())])
+        .collect();
+    let per_backend: Vec<(&[(&str, &str)], f64)> = backend_labels
+        .iter()
+        .zip(backends.values())
+        .map(|(labels, n)| (&labels[..], *n as f64))
+        .collect();
+    families.push(family::gauge(
+        "websocket_client_backend_connections",
+        "Connections up now by the backend that answered them (its X-Served-By header)",
+        &per_backend,
+    ));
     families.extend(stats.durations.collect());
     families.extend(stats.ping_rtts.collect());
     families.push(echo_rtts(stats));

@@ -79,6 +79,8 @@ pub struct ClientStats {
     pub(super) ping_rtts: prometheus::Histogram,
     /// What `--find-idle-timeout` found.
     idle_limit: Mutex<Option<IdleLimit>>,
+    /// Connections up now by the backend that answered them (`X-Served-By`).
+    backends: Mutex<BTreeMap<String, i64>>,
 }
 
 /// The things counted.
@@ -137,6 +139,7 @@ impl Default for ClientStats {
                 &metrics::RTT_BUCKETS,
             ),
             idle_limit: Mutex::default(),
+            backends: Mutex::default(),
         }
     }
 }
@@ -189,6 +192,28 @@ impl ClientStats {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Connections up now on each backend (`unknown` when the server did not say).
+    pub fn backends(&self) -> BTreeMap<String, i64> {
+        self.backends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Counts a connection on `backend` until the guard drops.
+    pub(super) fn on_backend(&self, backend: &str) -> OnBackend<'_> {
+        *self
+            .backends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(backend.to_owned())
+            .or_default() += 1;
+        OnBackend {
+            stats: self,
+            backend: backend.to_owned(),
+        }
     }
 
     /// What `--find-idle-timeout` found, once it is done.
@@ -269,6 +294,27 @@ impl ClientStats {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
+        }
+    }
+}
+
+/// A connection counted on its backend; dropping it takes it off.
+pub(super) struct OnBackend<'a> {
+    stats: &'a ClientStats,
+    backend: String,
+}
+
+impl Drop for OnBackend<'_> {
+    fn drop(&mut self) {
+        // A backend's count stays (at 0) once seen, so its series does not vanish.
+        if let Some(count) = self
+            .stats
+            .backends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(&self.backend)
+        {
+            *count -= 1;
         }
     }
 }
