@@ -916,8 +916,17 @@ pub struct ConnectRate {
 }
 
 impl fmt::Display for ConnectRate {
+    /// `20/s (burst 40)`, `1/m (burst 1)`: in the largest unit that gives at least one.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/s,burst={}", self.per_second, self.burst)
+        let (count, unit) = if self.per_second >= 1.0 {
+            (self.per_second, "s")
+        } else if self.per_second * 60.0 >= 1.0 {
+            (self.per_second * 60.0, "m")
+        } else {
+            (self.per_second * 3600.0, "h")
+        };
+        let count = (count * 1000.0).round() / 1000.0;
+        write!(f, "{count}/{unit} (burst {})", self.burst)
     }
 }
 
@@ -1433,6 +1442,9 @@ mod tests {
                 burst: 5
             }
         );
+        assert_eq!(rate("20/s,burst=40").to_string(), "20/s (burst 40)");
+        assert_eq!(rate("1/m").to_string(), "1/m (burst 1)");
+        assert_eq!(rate("2/h").to_string(), "2/h (burst 1)");
         for bad in [
             "",
             "0",

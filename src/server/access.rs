@@ -481,6 +481,51 @@ impl Access {
         })
     }
 
+    /// The rules in force, for the start-up log (the token's source, never the token);
+    /// `None` when everything is open.
+    pub fn summary(&self) -> Option<String> {
+        let list = |items: &[String]| items.join(",");
+        let mut parts = Vec::new();
+        match &self.token {
+            Some(Token::Fixed(_)) => parts.push("bearer token required".to_owned()),
+            Some(Token::File { path, .. }) => parts.push(format!(
+                "bearer token required (from {}, re-read when it changes)",
+                path.display()
+            )),
+            None => {}
+        }
+        if !self.origins.is_empty() {
+            let origins: Vec<String> = self.origins.iter().map(ToString::to_string).collect();
+            parts.push(format!("origins {}", list(&origins)));
+        }
+        if self.require_origin {
+            parts.push("Origin required".to_owned());
+        }
+        if let Some(per_ip) = &self.per_ip {
+            if let Some(max) = per_ip.max_connections {
+                parts.push(format!("at most {max} connections per address"));
+            }
+            if let Some(rate) = per_ip.rate {
+                parts.push(format!("at most {rate} new connections per address"));
+            }
+        }
+        if self.proxy_protocol {
+            parts.push("PROXY protocol required".to_owned());
+        }
+        if !self.trusted_proxies.is_empty() {
+            let trusted: Vec<String> = self
+                .trusted_proxies
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            parts.push(format!("X-Forwarded-For trusted from {}", list(&trusted)));
+        }
+        if !self.subprotocols.is_empty() {
+            parts.push(format!("subprotocols {}", list(&self.subprotocols)));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
     /// Whether every connection starts with a PROXY protocol header.
     pub fn proxy_protocol(&self) -> bool {
         self.proxy_protocol
@@ -651,6 +696,39 @@ mod tests {
         let forwarded = direct.forwarded("203.0.113.7:0".parse().unwrap());
         assert_eq!(forwarded.to_string(), "203.0.113.7 via 10.0.0.5:40000");
         assert_eq!(proxied.forwarded(peer), direct);
+    }
+
+    #[test]
+    fn the_summary_names_the_rules_but_not_the_token() {
+        use clap::Parser;
+        let config = |args: &[&str]| {
+            let mut all = vec!["server"];
+            all.extend_from_slice(args);
+            Access::from_config(&ServerConfig::try_parse_from(all).unwrap()).unwrap()
+        };
+        assert_eq!(config(&[]).summary(), None);
+        let summary = config(&[
+            "--auth-token",
+            "s3cret",
+            "--allowed-origins",
+            "https://*.example.com",
+            "--max-connections-per-ip",
+            "100",
+            "--max-connect-rate-per-ip",
+            "20/s,burst=40",
+            "--trusted-proxies",
+            "10.0.0.0/8",
+            "--subprotocols",
+            "chat,superchat",
+        ])
+        .summary()
+        .unwrap();
+        assert_eq!(
+            summary,
+            "bearer token required; origins https://*.example.com; at most 100 connections \
+             per address; at most 20/s (burst 40) new connections per address; \
+             X-Forwarded-For trusted from 10.0.0.0/8; subprotocols chat,superchat"
+        );
     }
 
     const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));

@@ -173,6 +173,9 @@ impl Server {
                 .map(|max| max.min(usize::MAX as u64) as usize),
         );
         info!("Connection ceiling: {capacity}");
+        if let Some(summary) = access.summary() {
+            info!("Access: {summary}");
+        }
         let metrics_server = MetricsServer::start(metrics_listener, metrics.clone())?;
         // The reporter, the acceptor and the connections stop on `closing`, which follows
         // `shutdown` after the drain delay; dropping `helpers` (on any return) stops them.

@@ -760,6 +760,10 @@ fn logs_name_the_client_behind_the_balancer_and_never_the_token() {
         &["--proxy-protocol", "--log-level", "trace"],
         &[("WEBSOCKET_TEST_AUTH_TOKEN", TOKEN)],
     );
+    server.proc.wait_for(
+        "Access: bearer token required; PROXY protocol required",
+        patience(),
+    );
     let wrong = "not-the-token-at-all";
     let refused = [
         &proxy_v1(addr("198.51.100.2:1000"))[..],
