@@ -186,7 +186,11 @@ pub fn decide(buf: &[u8], ws_path: &str, rules: &Rules<'_>) -> Decision {
     if let Err(reply) = check_access(request.headers, rules) {
         return Decision::Reply(reply);
     }
-    let client = if rules.trusted_proxies.is_empty() {
+    let from_trusted_proxy = rules
+        .trusted_proxies
+        .iter()
+        .any(|cidr| cidr.contains(rules.peer.ip()));
+    let client = if !from_trusted_proxy {
         rules.peer
     } else {
         let headers = request

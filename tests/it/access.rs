@@ -17,6 +17,7 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
 
 use crate::harness::TestServer;
+use crate::pki::{Pki, Use};
 use crate::support::{
     self, assert_echo, close_normally, masked_frame, patience, read_frame, scaled, send_for_head,
     time_scale, upgrade_request, upgrade_request_with, Head, Proc, TIMER_SLACK,
@@ -554,6 +555,55 @@ fn proxy_protocol_local_health_checks_and_missing_or_garbled_headers() {
         upgrade_after(&server, &proxy_v1(addr("203.0.113.7:4444")), ""),
         "after all that",
     ));
+}
+
+#[test]
+fn the_proxy_header_comes_before_tls() {
+    let pki = Pki::new("proxy-before-tls");
+    let pair = pki.issue("server", &["localhost"], Use::Server);
+    let (cert, key) = (pair.cert.to_str().unwrap(), pair.key.to_str().unwrap());
+    let server = TestServer::start(&[
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+        "--proxy-protocol",
+        "--max-connections-per-ip",
+        "1",
+    ]);
+    // The balancer's header in the clear, then TLS, then the upgrade.
+    let wss = |source: SocketAddr| {
+        let mut tcp = TcpStream::connect(server.addr).unwrap();
+        tcp.set_read_timeout(Some(patience())).unwrap();
+        tcp.write_all(&proxy_v2(1, Some(source))).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let session = rustls::ClientConnection::new(pki.client_config(None), name).unwrap();
+        let stream = rustls::StreamOwned::new(session, tcp);
+        // Err: the status of a refusal, and whether it carried Retry-After.
+        match tungstenite::client(format!("wss://localhost:{}/ws", server.addr.port()), stream) {
+            Ok((ws, _)) => Ok(ws),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => Err((
+                response.status().as_u16(),
+                response.headers().contains_key("Retry-After"),
+            )),
+            Err(other) => panic!("wss after a PROXY header: {other}"),
+        }
+    };
+    let client = addr("[2001:db8::7]:4444");
+    let mut ws = wss(client).unwrap_or_else(|e| panic!("wss after a PROXY header: {e:?}"));
+    wait_peers(&server, &[client]);
+    ws.send(tungstenite::Message::text("over TLS")).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("over TLS"));
+    // The same client again: its 429 comes over TLS, from the connection's thread.
+    match wss(addr("[2001:db8::7]:5555")) {
+        Err(refusal) => assert_eq!(refusal, (429, true)),
+        Ok(_) => panic!("a second connection from the same client was admitted"),
+    }
+    wait_rejected(&server, 1);
+    ws.close(None).unwrap();
+    while ws.read().is_ok() {}
+    server.wait_settled(0);
+    assert_eq!(server.metric("websocket_handshake_failures_total"), 0.0);
 }
 
 #[test]
