@@ -319,8 +319,8 @@ impl PerIp {
         if !table.entries.contains_key(&ip) && table.entries.len() >= self.capacity {
             self.sweep(&mut table, now);
             if table.entries.len() >= self.capacity {
-                // Only addresses with connections open are left or enough of the others
-                // to fill the table: forget the others' rates (the counts must stay).
+                // Still full of addresses whose buckets are refilling: forget those with
+                // no connection open (their rates start over); counts must stay.
                 table.entries.retain(|_, tracked| tracked.connections > 0);
             }
         }

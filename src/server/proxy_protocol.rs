@@ -77,12 +77,15 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
         return Err(ProxyError::Missing);
     }
     let window = &buf[..buf.len().min(MAX_V1_LEN)];
-    let Some(end) = window.windows(2).position(|pair| pair == b"\r\n") else {
+    // A bare LF is refused wherever it is, so that a prefix of the line is never refused
+    // for what the whole line is accepted with, nor the other way round.
+    let end = window.windows(2).position(|pair| pair == b"\r\n");
+    if window[..end.unwrap_or(window.len())].contains(&b'\n') {
+        return Err(ProxyError::Garbled("version 1 line ends without CR"));
+    }
+    let Some(end) = end else {
         if buf.len() >= MAX_V1_LEN {
             return Err(ProxyError::Garbled("version 1 line longer than 107 bytes"));
-        }
-        if window.contains(&b'\n') {
-            return Err(ProxyError::Garbled("version 1 line ends without CR"));
         }
         return Ok(Parsed::Incomplete);
     };
@@ -362,7 +365,7 @@ mod tests {
         for bytes in missing {
             assert_eq!(parse(bytes), Err(ProxyError::Missing), "{bytes:?}");
         }
-        let garbled: [&[u8]; 14] = [
+        let garbled: [&[u8]; 15] = [
             b"PROXY TCP4 203.0.113.7 10.0.0.1 4444\r\n",
             b"PROXY TCP4 203.0.113.7 10.0.0.1 4444 3003 9\r\n",
             b"PROXY TCP4 2001:db8::1 10.0.0.1 4444 3003\r\n",
@@ -373,6 +376,7 @@ mod tests {
             b"PROXY TCP4  203.0.113.7 10.0.0.1 4444 3003\r\n",
             b"PROXY UDP4 203.0.113.7 10.0.0.1 4444 3003\r\n",
             b"PROXY TCP4 203.0.113.7 10.0.0.1 4444 3003\n",
+            b"PROXY UNKNOWN x\n\r\n",
             b"\r\n\r\n\0\r\nQUIT\n\x31\x11\x00\x0c",
             b"\r\n\r\n\0\r\nQUIT\n\x22\x11\x00\x0c",
             b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x04\x01\x02\x03\x04",
@@ -418,6 +422,19 @@ mod properties {
             }
         }
 
+        /// A complete header's prefixes are all incomplete: reading stops exactly at its
+        /// end, and a header trickling in is judged as it would be whole.
+        #[test]
+        fn prefixes_of_a_header_are_incomplete(bytes in proptest::collection::vec(any::<u8>(), 0..300), v1 in any::<bool>()) {
+            let prefix: &[u8] = if v1 { b"PROXY UNKNOWN " } else { &V2_SIGNATURE };
+            let bytes = [prefix, &bytes].concat();
+            if let Ok(Parsed::Header { len, .. }) = parse(&bytes) {
+                for cut in 0..len {
+                    prop_assert_eq!(parse(&bytes[..cut]), Ok(Parsed::Incomplete));
+                }
+            }
+        }
+
         /// Any TCP4 address and port round-trips through a version 1 line.
         #[test]
         fn v1_addresses_round_trip(ip in any::<[u8; 4]>(), port in any::<u16>()) {
@@ -445,6 +462,7 @@ mod corpus {
                 std::fs::read(entry.expect("a directory entry").path()).expect("a corpus file");
             if let Ok(Parsed::Header { len, .. }) = parse(&data) {
                 assert!(len <= data.len());
+                assert_eq!(parse(&data[..len - 1]), Ok(Parsed::Incomplete), "{data:?}");
             }
             replayed += 1;
         }
