@@ -23,7 +23,8 @@ pub struct Metrics {
     /// off by the handshake timeout (a connect-and-close with nothing sent does not count).
     pub handshake_failures: IntCounter,
     /// `websocket_connections_rejected_total`: connections refused with 503 (at the
-    /// connection ceiling, or when the OS refused a thread).
+    /// connection ceiling, or when the OS refused a thread) or 429 (past a per-address
+    /// limit).
     pub connections_rejected: IntCounter,
     /// `websocket_connections_closed_total{reason,code}`: ended connections by
     /// [`Reason`](crate::ending::Reason) label and Close code (`none` without one).
@@ -64,7 +65,7 @@ impl Metrics {
         );
         let connections_rejected = counter(
             "websocket_connections_rejected_total",
-            "Connections refused with 503: at the connection ceiling or without a thread",
+            "Connections refused: 503 at the connection ceiling or without a thread, 429 past a per-address limit",
         );
         let log_lines_dropped = counter(
             "log_lines_dropped_total",

@@ -18,7 +18,7 @@ use super::proxy::{self, Route};
 use super::stats::{ClientStats, Counter, Failure};
 use super::{Live, Slot, CLOSE_TIMEOUT};
 use crate::activity::{Activity, Seconds};
-use crate::config::{check_token, ClientConfig, Keepalive, Secret, Target};
+use crate::config::{read_token_file, ClientConfig, Keepalive, Secret, Target};
 use crate::ending::{describe_close, Ending, Reason};
 use crate::frame::close_frame;
 use crate::net;
@@ -65,10 +65,13 @@ pub(super) fn run(
                 match outage.take() {
                     Some((since, attempts)) => {
                         stats.add(Counter::Reconnects, 1);
+                        let failed = match attempts {
+                            0 => String::new(),
+                            n => format!(", {} failed", crate::count(n as usize, "attempt")),
+                        };
                         info!(
-                            "[Connection {index}] Connected to {url} after {} down ({} failed)",
+                            "[Connection {index}] Connected to {url} after {} down{failed}",
                             Seconds(since.elapsed()),
-                            crate::count(attempts as usize, "attempt")
                         );
                     }
                     None => info!("[Connection {index}] Connected to {url}"),
@@ -352,7 +355,7 @@ impl Auth {
     fn token(&self, index: u32) -> Option<String> {
         match self {
             Auth::None => None,
-            Auth::Token(token) => Some(token.expose().to_owned()),
+            Auth::Token(token) => Some(token.as_str().to_owned()),
             Auth::File { path, last } => {
                 let mut last = last
                     .lock()
@@ -371,11 +374,7 @@ impl Auth {
 
 /// The token in the file at `path`, without surrounding whitespace.
 fn read_token(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| format!("cannot read --auth-token-file {}: {error}", path.display()))?;
-    check_token(&text)
-        .map(str::to_owned)
-        .map_err(|why| format!("--auth-token-file {}: {why}", path.display()))
+    read_token_file(path).map(|token| token.as_str().to_owned())
 }
 
 /// A failed connection attempt: the cause it is counted under and what the log line says.

@@ -194,7 +194,7 @@ pub(super) fn tunnel(
     let mut request =
         format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: {USER_AGENT}\r\n");
     if let Some((user, password)) = &proxy.credentials {
-        let credentials = format!("{user}:{}", password.expose());
+        let credentials = format!("{user}:{}", password.as_str());
         request += &format!(
             "Proxy-Authorization: Basic {}\r\n",
             base64(credentials.as_bytes())

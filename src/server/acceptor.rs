@@ -1,7 +1,8 @@
 //! The accept loop: admits each socket to a `conn-N` thread of its own, or, past the
 //! connection ceiling or when the OS refuses a thread, hands it to the `rejecter`, which
-//! answers 503 without a thread per socket.
+//! answers 503 without a thread per socket; past a per-address limit, 429 the same way.
 
+use std::borrow::Cow;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +13,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, error, warn};
 
+use super::access::Admission;
 use super::connection::{self, Context};
 use super::handshake::Reply;
 use crate::net;
@@ -64,9 +66,32 @@ pub fn accept_loop(
         }
         backoff = ACCEPT_BACKOFF.0;
         if live_threads.load(Ordering::SeqCst) >= ceiling {
-            refuse_socket(&refuse, tcp, peer, "connection limit reached", context);
+            let refused = Refused {
+                tcp,
+                peer,
+                reply: Reply::service_unavailable(),
+                why: "connection limit reached".into(),
+            };
+            refuse_socket(&refuse, refused, context);
             continue;
         }
+        let admission = if context.access.limits_at_accept(peer.ip()) {
+            match context.access.admit(peer.ip()) {
+                Ok(slot) => Admission::Done(slot),
+                Err(refusal) => {
+                    let refused = Refused {
+                        tcp,
+                        peer,
+                        reply: refusal.reply(),
+                        why: refusal.why(peer.ip()).into(),
+                    };
+                    refuse_socket(&refuse, refused, context);
+                    continue;
+                }
+            }
+        } else {
+            Admission::Pending
+        };
         next_id += 1;
         let id = next_id;
         live_threads.fetch_add(1, Ordering::SeqCst);
@@ -82,13 +107,19 @@ pub fn accept_loop(
             .spawn(move || {
                 let (_alive, _counted) = (alive, thread_guard);
                 if let Ok(tcp) = take.try_recv() {
-                    connection::run(id, tcp, peer, &conn_context);
+                    connection::run(id, tcp, peer, admission, &conn_context);
                 }
             });
         if let Err(error) = spawned {
             warn!("Cannot start a thread for {peer}: {error}");
             if let Ok(tcp) = take_back.try_recv() {
-                refuse_socket(&refuse, tcp, peer, "cannot start a thread", context);
+                let refused = Refused {
+                    tcp,
+                    peer,
+                    reply: Reply::service_unavailable(),
+                    why: "cannot start a thread".into(),
+                };
+                refuse_socket(&refuse, refused, context);
             }
         }
     }
@@ -107,36 +138,49 @@ impl Drop for ThreadCount {
     }
 }
 
-fn refuse_socket(
-    refuse: &Sender<(TcpStream, SocketAddr, &'static str)>,
+/// A socket refused without a thread of its own, and what to answer it.
+struct Refused {
     tcp: TcpStream,
     peer: SocketAddr,
-    why: &'static str,
-    context: &Context,
-) {
-    if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-        refuse.try_send((tcp, peer, why))
+    /// 503 or 429, with `Retry-After`.
+    reply: Reply,
+    /// Why, for the log line.
+    why: Cow<'static, str>,
+}
+
+fn refuse_socket(refuse: &Sender<Refused>, refused: Refused, context: &Context) {
+    if let Err(TrySendError::Full(refused) | TrySendError::Disconnected(refused)) =
+        refuse.try_send(refused)
     {
         // A flood: no time to answer each one, but it still counts as refused.
         context.metrics.connections_rejected.inc();
-        debug!("Refused {peer} ({why}); closed without a response, the 503 queue is full");
+        debug!(
+            "Refused {} ({}); closed without a response, the rejecter's queue is full",
+            refused.peer, refused.why
+        );
     }
 }
 
-/// Answers each refused socket with 503 and `Retry-After`, one at a time; once shutdown has
-/// begun, the ones still queued are just closed, so they cannot hold it up.
+/// Answers each refused socket with its 503 or 429 and `Retry-After`, one at a time; once
+/// shutdown has begun, the ones still queued are just closed, so they cannot hold it up.
 fn reject_all(
-    refused: &Receiver<(TcpStream, SocketAddr, &'static str)>,
+    refused: &Receiver<Refused>,
     counter: &prometheus::IntCounter,
     shutdown: &crate::shutdown::Shutdown,
 ) {
-    let reply = Reply::service_unavailable().to_bytes();
-    for (tcp, peer, why) in refused {
+    for Refused {
+        tcp,
+        peer,
+        reply,
+        why,
+    } in refused
+    {
         counter.inc();
         if shutdown.is_requested() {
             continue;
         }
-        warn!("Refused {peer}: {why}; answered 503");
+        warn!("Refused {peer}: {why}; answered {}", reply.status);
+        let reply = reply.to_bytes();
         // Read the request first: closing with it unread would reset the connection and
         // could destroy the 503 before the client reads it.
         let _ = tcp.set_read_timeout(Some(REJECT_LINGER));

@@ -9,7 +9,9 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
+use super::access::{Access, Admission, ClientAddr, Refusal};
 use super::handshake::{self, Handshake};
+use super::proxy_protocol;
 use super::registry::Registry;
 use crate::ending::{self, Ending, Reason};
 use crate::frame::close_frame;
@@ -44,6 +46,8 @@ pub struct Context {
     pub keepalive: Keepalive,
     /// Serve `wss://`: every accepted socket starts with a TLS handshake.
     pub tls: Option<crate::tls::ServerTls>,
+    /// Token, origins, subprotocols, per-address limits, the client's real address.
+    pub access: Access,
 }
 
 /// Server-side liveness checks, both off by default: an idle connection then blocks in
@@ -70,8 +74,10 @@ impl Keepalive {
     }
 }
 
-/// Serves one accepted socket until it closes.
-pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
+/// Serves one accepted socket until it closes. `admission` says whether the per-address
+/// limits were applied at accept; if not, they are applied here once the client's address
+/// is known (after the PROXY header, or from a trusted proxy's request).
+pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, context: &Context) {
     let _ = tcp.set_nodelay(true);
     let stream = match &context.tls {
         Some(tls) => match tls.wrap(tcp) {
@@ -89,19 +95,80 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
     if context.shutdown.is_requested() {
         return;
     }
-    // The TLS handshake and the upgrade request share the handshake timeout.
+    // The PROXY header, the TLS handshake and the upgrade request share the handshake
+    // timeout.
     let deadline = Instant::now() + context.handshake_timeout;
+    let access = &context.access;
+    let mut client = ClientAddr::direct(peer);
+    if access.proxy_protocol() {
+        // Before TLS and HTTP: the balancer writes it first thing.
+        match proxy_protocol::read_header(tcp, deadline) {
+            Ok(Some(source)) => client = client.forwarded(source),
+            Ok(None) => debug!("PROXY header from {peer} without a client address (LOCAL or UNKNOWN): the balancer's own connection"),
+            Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                debug!("Connection from {peer} failed: {error}");
+                return;
+            }
+            Err(error) => {
+                context.metrics.handshake_failures.inc();
+                info!("Connection from {peer} failed: {error}");
+                return;
+            }
+        }
+    }
+    let (mut slot, mut pending) = match admission {
+        Admission::Done(slot) => (slot, false),
+        Admission::Pending => (None, true),
+    };
+    let mut refused: Option<(std::net::IpAddr, Refusal)> = None;
+    if pending && !access.is_trusted_proxy(client.addr.ip()) {
+        pending = false;
+        match access.admit(client.addr.ip()) {
+            Ok(admitted) => slot = admitted,
+            // Answered once the request is in: the client expects an HTTP response.
+            Err(refusal) => refused = Some((client.addr.ip(), refusal)),
+        }
+    }
+    let token = access.token();
+    let rules = access.rules(token.as_deref(), client.addr);
+    let admit = |forwarded: SocketAddr| {
+        if pending {
+            match access.admit(forwarded.ip()) {
+                Ok(admitted) => slot = admitted,
+                Err(refusal) => refused = Some((forwarded.ip(), refusal)),
+            }
+        }
+        match &refused {
+            Some((_, refusal)) => Err(refusal.reply()),
+            None => Ok(()),
+        }
+    };
     let opened = stream
         .tls_handshake(deadline)
-        .and_then(|()| handshake::accept(&stream, &context.ws_path, deadline));
+        .and_then(|()| handshake::accept(&stream, &context.ws_path, &rules, deadline, admit));
     let leftover = match opened {
-        Ok(Handshake::Upgraded { leftover }) => leftover,
+        Ok(Handshake::Upgraded {
+            leftover,
+            client: forwarded,
+            protocol,
+        }) => {
+            client = client.forwarded(forwarded);
+            if let Some(protocol) = protocol {
+                debug!("Subprotocol for {client}: {protocol}");
+            }
+            leftover
+        }
         Ok(Handshake::Answered { status, message }) => {
-            if status >= 400 {
-                context.metrics.handshake_failures.inc();
-                info!("Rejected request from {peer}: {status} {message}");
-            } else {
-                debug!("Answered {peer}: {status} {message}");
+            match &refused {
+                Some((ip, refusal)) if status == 429 => {
+                    context.metrics.connections_rejected.inc();
+                    warn!("Refused {client}: {}; answered 429", refusal.why(*ip));
+                }
+                _ if status >= 400 => {
+                    context.metrics.handshake_failures.inc();
+                    info!("Rejected request from {client}: {status} {message}");
+                }
+                _ => debug!("Answered {client}: {status} {message}"),
             }
             stream.close_gracefully(net::LINGER);
             return;
@@ -109,12 +176,12 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
         // A connect-and-close with nothing sent is a TCP health check or a port scan, not a
         // failed upgrade.
         Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
-            debug!("Upgrade from {peer} failed: {error}");
+            debug!("Upgrade from {client} failed: {error}");
             return;
         }
         Err(error) => {
             context.metrics.handshake_failures.inc();
-            info!("Upgrade from {peer} failed: {error}");
+            info!("Upgrade from {client} failed: {error}");
             return;
         }
     };
@@ -137,7 +204,9 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, context: &Context) {
         Role::Server,
         Some(context.ws_config),
     );
-    let mut registration = context.registry.register(id, peer, stream.clone());
+    // Declared after `slot`, so dropped before it: the address's place is given back
+    // after the connection has left the registry.
+    let mut registration = context.registry.register(id, client, stream.clone());
     let ending = echo(&mut socket, &stream, context);
     if matches!(
         ending.reason,

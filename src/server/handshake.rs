@@ -1,12 +1,17 @@
 //! The HTTP/1.1 request that opens a connection: a WebSocket upgrade on the configured path,
 //! a health check on `/`, or an error with a status line that says what was wrong.
 //!
-//! [`decide`] is pure (bytes in, decision out) so it can be tested and fuzzed on its own;
-//! [`accept`] does the socket I/O around it under the handshake deadline.
+//! [`decide`] is pure (bytes and [`Rules`] in, decision out) so it can be tested and
+//! fuzzed on its own; [`accept`] does the socket I/O around it under the handshake
+//! deadline.
 
+use std::borrow::Cow;
 use std::io;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::access;
+use crate::config::{Cidr, OriginPattern};
 use crate::stream::SharedStream;
 
 /// Largest request head accepted; a longer one is answered 431.
@@ -25,6 +30,10 @@ pub enum Decision {
         head_len: usize,
         /// The `Sec-WebSocket-Accept` value.
         accept_key: String,
+        /// The subprotocol chosen, for `Sec-WebSocket-Protocol`.
+        protocol: Option<String>,
+        /// The client: [`Rules::peer`], or the address a trusted proxy forwarded.
+        client: SocketAddr,
     },
     /// Answer with this response and close.
     Reply(Reply),
@@ -38,7 +47,7 @@ pub struct Reply {
     /// The one-line body: what happened or what was wrong.
     pub message: &'static str,
     /// Extra header lines, each ending in CRLF.
-    pub headers: &'static str,
+    pub headers: Cow<'static, str>,
     /// Whether to omit the body (a HEAD request).
     pub head_only: bool,
 }
@@ -48,7 +57,7 @@ impl Reply {
         Reply {
             status,
             message,
-            headers: "",
+            headers: Cow::Borrowed(""),
             head_only: false,
         }
     }
@@ -59,8 +68,17 @@ impl Reply {
             .with_headers("Retry-After: 5\r\n")
     }
 
-    fn with_headers(self, headers: &'static str) -> Self {
-        Reply { headers, ..self }
+    /// 429 with `Retry-After: SECONDS`: this client has too many connections or opens them
+    /// too fast.
+    pub fn too_many_requests(message: &'static str, retry_after: u64) -> Self {
+        Reply::new(429, message).with_headers(format!("Retry-After: {retry_after}\r\n"))
+    }
+
+    fn with_headers(self, headers: impl Into<Cow<'static, str>>) -> Self {
+        Reply {
+            headers: headers.into(),
+            ..self
+        }
     }
 
     /// The response as bytes on the wire.
@@ -80,9 +98,41 @@ impl Reply {
     }
 }
 
+/// What an upgrade must satisfy beyond RFC 6455, and what the server offers: all empty or
+/// off by default ([`Rules::open`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// `Authorization: Bearer` must carry this token (401 otherwise).
+    pub token: Option<&'a [u8]>,
+    /// When not empty, an `Origin` header must match one of these (403 otherwise).
+    pub origins: &'a [OriginPattern],
+    /// Refuse (403) an upgrade without an `Origin` header.
+    pub require_origin: bool,
+    /// Subprotocols the server speaks, in no particular order.
+    pub subprotocols: &'a [String],
+    /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed.
+    pub trusted_proxies: &'a [Cidr],
+    /// Where the request came from: the socket's peer, or the PROXY header's source.
+    pub peer: SocketAddr,
+}
+
+impl Rules<'_> {
+    /// No access rules and no subprotocols: every valid upgrade from `peer` is accepted.
+    pub fn open(peer: SocketAddr) -> Rules<'static> {
+        Rules {
+            token: None,
+            origins: &[],
+            require_origin: false,
+            subprotocols: &[],
+            trusted_proxies: &[],
+            peer,
+        }
+    }
+}
+
 /// Decides how to answer the request head in `buf` for a server whose WebSocket endpoint is
-/// `ws_path`.
-pub fn decide(buf: &[u8], ws_path: &str) -> Decision {
+/// `ws_path`, under `rules`.
+pub fn decide(buf: &[u8], ws_path: &str, rules: &Rules<'_>) -> Decision {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(buf) {
@@ -129,13 +179,102 @@ pub fn decide(buf: &[u8], ws_path: &str) -> Decision {
             Reply::new(405, "WebSocket upgrades must use GET").with_headers("Allow: GET\r\n"),
         );
     }
-    match check_upgrade(request.headers) {
-        Ok(key) => Decision::Upgrade {
-            head_len,
-            accept_key: tungstenite::handshake::derive_accept_key(key.as_bytes()),
-        },
-        Err(reply) => Decision::Reply(reply),
+    let key = match check_upgrade(request.headers) {
+        Ok(key) => key,
+        Err(reply) => return Decision::Reply(reply),
+    };
+    if let Err(reply) = check_access(request.headers, rules) {
+        return Decision::Reply(reply);
     }
+    let from_trusted_proxy = rules
+        .trusted_proxies
+        .iter()
+        .any(|cidr| cidr.contains(rules.peer.ip()));
+    let client = if !from_trusted_proxy {
+        rules.peer
+    } else {
+        let headers = request
+            .headers
+            .iter()
+            .map(|header| (header.name, header.value));
+        access::forwarded_client(
+            &access::forwarded_hops(headers),
+            rules.peer,
+            rules.trusted_proxies,
+        )
+    };
+    Decision::Upgrade {
+        head_len,
+        accept_key: tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        protocol: choose_subprotocol(request.headers, rules.subprotocols),
+        client,
+    }
+}
+
+/// The values of the headers called `name`, as text (a value that is not UTF-8 reads as
+/// empty: it cannot match anything).
+fn header_values<'h>(
+    headers: &'h [httparse::Header<'h>],
+    name: &'static str,
+) -> impl Iterator<Item = &'h str> + 'h {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| std::str::from_utf8(h.value).unwrap_or_default().trim())
+}
+
+/// The bearer token (401) and the origin (403).
+fn check_access(headers: &[httparse::Header<'_>], rules: &Rules<'_>) -> Result<(), Reply> {
+    if let Some(expected) = rules.token {
+        let mut authorizations = header_values(headers, "Authorization");
+        let presented = match (authorizations.next(), authorizations.next()) {
+            (Some(value), None) => value
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+                .map(|(_, token)| token.trim()),
+            _ => None,
+        };
+        match presented {
+            None => {
+                return Err(Reply::new(401, "a bearer token is required")
+                    .with_headers("WWW-Authenticate: Bearer\r\n"))
+            }
+            Some(token) if !access::tokens_match(token.as_bytes(), expected) => {
+                return Err(Reply::new(401, "invalid bearer token")
+                    .with_headers("WWW-Authenticate: Bearer error=\"invalid_token\"\r\n"))
+            }
+            Some(_) => {}
+        }
+    }
+    if rules.origins.is_empty() && !rules.require_origin {
+        return Ok(());
+    }
+    let mut origins = header_values(headers, "Origin");
+    match (origins.next(), origins.next()) {
+        (None, _) if rules.require_origin => Err(Reply::new(403, "an Origin header is required")),
+        (None, _) => Ok(()),
+        (Some(_), Some(_)) => Err(Reply::new(403, "more than one Origin header")),
+        (Some(origin), None)
+            if rules.origins.is_empty()
+                || rules.origins.iter().any(|allowed| allowed.matches(origin)) =>
+        {
+            Ok(())
+        }
+        (Some(_), None) => Err(Reply::new(403, "origin not allowed")),
+    }
+}
+
+/// The first subprotocol the client offers (in its order) that the server speaks (RFC 6455
+/// §4.2.2: none offered or none in common means no `Sec-WebSocket-Protocol` answer).
+fn choose_subprotocol(headers: &[httparse::Header<'_>], ours: &[String]) -> Option<String> {
+    if ours.is_empty() {
+        return None;
+    }
+    header_values(headers, "Sec-WebSocket-Protocol")
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .find(|offered| ours.iter().any(|ours| ours == offered))
+        .map(str::to_owned)
 }
 
 /// Checks the headers RFC 6455 §4.2.1 requires and returns the `Sec-WebSocket-Key`.
@@ -203,10 +342,13 @@ fn reason_phrase(status: u16) -> &'static str {
         101 => "Switching Protocols",
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         505 => "HTTP Version Not Supported",
@@ -221,6 +363,10 @@ pub enum Handshake {
     Upgraded {
         /// Bytes received after the request head.
         leftover: Vec<u8>,
+        /// The client, as [`Decision::Upgrade`] gave it.
+        client: SocketAddr,
+        /// The subprotocol agreed on.
+        protocol: Option<String>,
     },
     /// Answered with a plain HTTP response; the connection is done.
     Answered {
@@ -232,8 +378,17 @@ pub enum Handshake {
 }
 
 /// Reads the request head from `stream` before `deadline` (one deadline across all reads,
-/// so a client trickling a byte at a time is cut off too) and answers it.
-pub fn accept(stream: &SharedStream, ws_path: &str, deadline: Instant) -> io::Result<Handshake> {
+/// so a client trickling a byte at a time is cut off too) and answers it under `rules`. An
+/// upgrade is offered to `admit` with the client's address before the 101 goes out; a
+/// reply from it (429) is sent instead.
+pub fn accept(
+    stream: &SharedStream,
+    ws_path: &str,
+    rules: &Rules<'_>,
+    deadline: Instant,
+    admit: impl FnOnce(SocketAddr) -> Result<(), Reply>,
+) -> io::Result<Handshake> {
+    let mut admit = Some(admit);
     let tcp = stream.tcp();
     let mut buf = Vec::with_capacity(1024);
     loop {
@@ -276,18 +431,34 @@ pub fn accept(stream: &SharedStream, ws_path: &str, deadline: Instant) -> io::Re
             Err(error) if crate::net::is_timeout(&error) => continue,
             Err(error) => return Err(error),
         }
-        match decide(&buf, ws_path) {
+        let mut decision = decide(&buf, ws_path, rules);
+        if let Decision::Upgrade { client, .. } = &decision {
+            if let Some(Err(reply)) = admit.take().map(|admit| admit(*client)) {
+                decision = Decision::Reply(reply);
+            }
+        }
+        match decision {
             Decision::NeedMore => {}
             Decision::Upgrade {
                 head_len,
                 accept_key,
+                protocol,
+                client,
             } => {
+                let protocol_line = protocol
+                    .as_ref()
+                    .map(|protocol| format!("Sec-WebSocket-Protocol: {protocol}\r\n"))
+                    .unwrap_or_default();
                 let response = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n{protocol_line}\r\n"
                 );
                 stream.write_all(response.as_bytes())?;
                 buf.drain(..head_len);
-                return Ok(Handshake::Upgraded { leftover: buf });
+                return Ok(Handshake::Upgraded {
+                    leftover: buf,
+                    client,
+                    protocol,
+                });
             }
             Decision::Reply(reply) => {
                 stream.write_all(&reply.to_bytes())?;
@@ -306,6 +477,10 @@ mod tests {
 
     const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
+    fn open() -> Rules<'static> {
+        Rules::open(SocketAddr::from(([127, 0, 0, 1], 5000)))
+    }
+
     fn upgrade_request(extra: &str) -> String {
         format!(
             "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
@@ -314,7 +489,7 @@ mod tests {
     }
 
     fn status(request: &str) -> u16 {
-        match decide(request.as_bytes(), "/ws") {
+        match decide(request.as_bytes(), "/ws", &open()) {
             Decision::Reply(reply) => reply.status,
             Decision::Upgrade { .. } => 101,
             Decision::NeedMore => 0,
@@ -326,10 +501,12 @@ mod tests {
         let request = upgrade_request("");
         let with_data = format!("{request}\u{81}");
         assert_eq!(
-            decide(with_data.as_bytes(), "/ws"),
+            decide(with_data.as_bytes(), "/ws", &open()),
             Decision::Upgrade {
                 head_len: request.len(),
-                accept_key: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into()
+                accept_key: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into(),
+                protocol: None,
+                client: open().peer,
             }
         );
     }
@@ -354,6 +531,155 @@ mod tests {
         assert_eq!(status(&huge), 431);
     }
 
+    /// The status `decide` gives `request` under `rules`, and its reply's headers.
+    fn answer(request: &str, rules: &Rules<'_>) -> (u16, String) {
+        match decide(request.as_bytes(), "/ws", rules) {
+            Decision::Reply(reply) => (reply.status, reply.headers.into_owned()),
+            Decision::Upgrade { .. } => (101, String::new()),
+            Decision::NeedMore => (0, String::new()),
+        }
+    }
+
+    #[test]
+    fn a_bearer_token_is_required_when_configured() {
+        let rules = Rules {
+            token: Some(b"s3cret-T0ken"),
+            ..open()
+        };
+        let with = |header: &str| answer(&upgrade_request(header), &rules);
+        assert_eq!(with(""), (401, "WWW-Authenticate: Bearer\r\n".into()));
+        let invalid = (
+            401,
+            "WWW-Authenticate: Bearer error=\"invalid_token\"\r\n".into(),
+        );
+        assert_eq!(with("Authorization: Bearer wrong\r\n"), invalid);
+        assert_eq!(with("Authorization: Bearer s3cret-T0ke\r\n"), invalid);
+        assert_eq!(with("Authorization: Bearer s3cret-T0ken2\r\n"), invalid);
+        assert_eq!(with("Authorization: Bearer S3CRET-T0KEN\r\n"), invalid);
+        assert_eq!(with("Authorization: Basic czNjcmV0\r\n").0, 401);
+        assert_eq!(with("Authorization: s3cret-T0ken\r\n").0, 401);
+        assert_eq!(with("Authorization: Bearer s3cret-T0ken\r\n").0, 101);
+        assert_eq!(with("authorization: bearer  s3cret-T0ken \r\n").0, 101);
+        // Two Authorization headers are ambiguous: refused even if one is right.
+        assert_eq!(
+            with("Authorization: Bearer s3cret-T0ken\r\nAuthorization: Bearer x\r\n").0,
+            401
+        );
+        // Health checks and other routes need no token; a bad upgrade is still a 400.
+        assert_eq!(answer("GET / HTTP/1.1\r\nHost: x\r\n\r\n", &rules).0, 200);
+        assert_eq!(answer("GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", &rules).0, 400);
+    }
+
+    #[test]
+    fn origins_are_checked_against_the_allowed_list() {
+        let patterns: Vec<OriginPattern> = ["https://app.example.com", "https://*.example.org"]
+            .iter()
+            .map(|text| crate::config::parse_origin_pattern(text).unwrap())
+            .collect();
+        let rules = Rules {
+            origins: &patterns,
+            ..open()
+        };
+        let origin = |value: &str, rules: &Rules<'_>| {
+            answer(&upgrade_request(&format!("Origin: {value}\r\n")), rules).0
+        };
+        assert_eq!(origin("https://app.example.com", &rules), 101);
+        assert_eq!(origin("https://app.example.com:443", &rules), 101);
+        assert_eq!(origin("https://a.b.example.org", &rules), 101);
+        assert_eq!(origin("https://evil.example.com", &rules), 403);
+        assert_eq!(origin("http://app.example.com", &rules), 403);
+        assert_eq!(origin("https://example.org", &rules), 403);
+        assert_eq!(origin("null", &rules), 403);
+        // No Origin passes unless one is required; two are refused.
+        assert_eq!(answer(&upgrade_request(""), &rules).0, 101);
+        let required = Rules {
+            require_origin: true,
+            ..rules
+        };
+        assert_eq!(answer(&upgrade_request(""), &required).0, 403);
+        assert_eq!(
+            answer(
+                &upgrade_request(
+                    "Origin: https://app.example.com\r\nOrigin: https://x.example.org\r\n"
+                ),
+                &rules
+            )
+            .0,
+            403
+        );
+        // Any origin, as long as there is one.
+        let any = Rules {
+            require_origin: true,
+            ..open()
+        };
+        assert_eq!(origin("https://anything.test", &any), 101);
+        assert_eq!(answer(&upgrade_request(""), &any).0, 403);
+        // The token is checked first.
+        let both = Rules {
+            token: Some(b"t"),
+            ..rules
+        };
+        assert_eq!(origin("https://evil.example.com", &both), 401);
+    }
+
+    #[test]
+    fn the_first_subprotocol_the_client_offers_that_the_server_speaks_is_chosen() {
+        let ours = ["chat".to_owned(), "superchat".to_owned()];
+        let rules = Rules {
+            subprotocols: &ours,
+            ..open()
+        };
+        let chosen = |extra: &str, rules: &Rules<'_>| match decide(
+            upgrade_request(extra).as_bytes(),
+            "/ws",
+            rules,
+        ) {
+            Decision::Upgrade { protocol, .. } => protocol,
+            other => panic!("{extra:?}: {other:?}"),
+        };
+        let offer = |value: &str| format!("Sec-WebSocket-Protocol: {value}\r\n");
+        assert_eq!(
+            chosen(&offer("superchat, chat"), &rules).as_deref(),
+            Some("superchat")
+        );
+        assert_eq!(chosen(&offer("mqtt,chat"), &rules).as_deref(), Some("chat"));
+        assert_eq!(
+            chosen(&format!("{}{}", offer("v1.mqtt"), offer("chat")), &rules).as_deref(),
+            Some("chat")
+        );
+        assert_eq!(chosen(&offer("mqtt"), &rules), None);
+        assert_eq!(chosen(&offer("Chat"), &rules), None);
+        assert_eq!(chosen("", &rules), None);
+        assert_eq!(chosen(&offer("chat"), &open()), None);
+    }
+
+    #[test]
+    fn a_trusted_proxy_names_the_client() {
+        let trusted = [crate::config::parse_cidr("127.0.0.1/32").unwrap()];
+        let client = |extra: &str, peer: SocketAddr| {
+            let rules = Rules {
+                trusted_proxies: &trusted,
+                peer,
+                ..open()
+            };
+            match decide(upgrade_request(extra).as_bytes(), "/ws", &rules) {
+                Decision::Upgrade { client, .. } => client,
+                other => panic!("{extra:?}: {other:?}"),
+            }
+        };
+        let proxy: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let stranger: SocketAddr = "192.0.2.9:5000".parse().unwrap();
+        let xff = "X-Forwarded-For: 198.51.100.1, 203.0.113.7\r\n";
+        assert_eq!(client(xff, proxy), "203.0.113.7:0".parse().unwrap());
+        assert_eq!(client(xff, stranger), stranger);
+        assert_eq!(client("", proxy), proxy);
+        let forwarded = "Forwarded: for=\"203.0.113.7:4444\"\r\n";
+        assert_eq!(
+            client(forwarded, proxy),
+            "203.0.113.7:4444".parse().unwrap()
+        );
+    }
+
     #[test]
     fn replies_carry_a_status_line_and_one_line_reason() {
         let bytes = Reply::new(426, "only 13")
@@ -373,6 +699,10 @@ mod properties {
 
     const PATH: &str = "/ws";
 
+    fn open() -> Rules<'static> {
+        Rules::open(SocketAddr::from(([127, 0, 0, 1], 5000)))
+    }
+
     fn header_line() -> impl Strategy<Value = String> {
         ("[A-Za-z-]{1,20}", "[ -~]{0,40}").prop_map(|(name, value)| format!("{name}: {value}\r\n"))
     }
@@ -384,7 +714,7 @@ mod properties {
         /// that lacks the required headers.
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
-            if let Decision::Upgrade { head_len, .. } = decide(&bytes, PATH) {
+            if let Decision::Upgrade { head_len, .. } = decide(&bytes, PATH, &open()) {
                 prop_assert!(head_len <= bytes.len());
             }
         }
@@ -397,7 +727,7 @@ mod properties {
             headers in proptest::collection::vec(header_line(), 0..12),
         ) {
             let request = format!("{method} {path} HTTP/1.1\r\n{}\r\n", headers.concat());
-            match decide(request.as_bytes(), PATH) {
+            match decide(request.as_bytes(), PATH, &open()) {
                 Decision::Reply(reply) => {
                     let text = String::from_utf8(reply.to_bytes()).unwrap();
                     let status_line = format!("HTTP/1.1 {} ", reply.status);
@@ -424,8 +754,8 @@ mod properties {
                  sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
             );
             let split = split.min(request.len() - 1);
-            prop_assert_eq!(decide(&request.as_bytes()[..split], PATH), Decision::NeedMore);
-            let upgraded = matches!(decide(request.as_bytes(), PATH), Decision::Upgrade { .. });
+            prop_assert_eq!(decide(&request.as_bytes()[..split], PATH, &open()), Decision::NeedMore);
+            let upgraded = matches!(decide(request.as_bytes(), PATH, &open()), Decision::Upgrade { .. });
             prop_assert!(upgraded);
         }
     }
@@ -435,27 +765,45 @@ mod properties {
 mod corpus {
     use super::*;
 
-    /// Replays the fuzzing corpus (fuzz/corpus/handshake) with the fuzz target's checks.
+    /// Replays the fuzzing corpus (fuzz/corpus/handshake) with the fuzz target's checks,
+    /// with no rules and with every rule on.
     #[test]
     fn fuzz_corpus_regressions() {
+        let origins = [crate::config::parse_origin_pattern("https://*.example.com").unwrap()];
+        let trusted = [crate::config::parse_cidr("127.0.0.0/8").unwrap()];
+        let subprotocols = ["chat".to_owned()];
+        let peer = SocketAddr::from(([127, 0, 0, 1], 5000));
+        let strict = Rules {
+            token: Some(b"token"),
+            origins: &origins,
+            require_origin: true,
+            subprotocols: &subprotocols,
+            trusted_proxies: &trusted,
+            peer,
+        };
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/handshake");
         let mut replayed = 0;
         for entry in std::fs::read_dir(dir).expect("the corpus is in the repository") {
             let data = std::fs::read(entry.unwrap().path()).unwrap();
-            match decide(&data, "/ws") {
-                Decision::Upgrade {
-                    head_len,
-                    accept_key,
-                } => {
-                    assert!(head_len <= data.len());
-                    assert_eq!(accept_key.len(), 28);
+            for rules in [Rules::open(peer), strict] {
+                match decide(&data, "/ws", &rules) {
+                    Decision::Upgrade {
+                        head_len,
+                        accept_key,
+                        protocol,
+                        ..
+                    } => {
+                        assert!(head_len <= data.len());
+                        assert_eq!(accept_key.len(), 28);
+                        assert!(protocol.is_none_or(|p| subprotocols.contains(&p)));
+                    }
+                    Decision::Reply(reply) => {
+                        assert!(reply
+                            .to_bytes()
+                            .starts_with(format!("HTTP/1.1 {} ", reply.status).as_bytes()));
+                    }
+                    Decision::NeedMore => assert!(data.len() < MAX_HEAD_SIZE),
                 }
-                Decision::Reply(reply) => {
-                    assert!(reply
-                        .to_bytes()
-                        .starts_with(format!("HTTP/1.1 {} ", reply.status).as_bytes()));
-                }
-                Decision::NeedMore => assert!(data.len() < MAX_HEAD_SIZE),
             }
             replayed += 1;
         }

@@ -1,14 +1,17 @@
 //! The echo server: a blocking accept loop that gives every socket its own named thread.
 //!
 //! Threads: `acceptor` (accept loop), `conn-N` (one per connection: handshake, then echo),
-//! `rejecter` (503 past the ceiling), `reporter` (logs the connection count), `metrics-http`
+//! `rejecter` (503 past the ceiling, 429 past a per-address limit), `reporter` (logs the
+//! connection count), `metrics-http`
 //! and `metrics-1..4` (the metrics endpoint), and the caller's thread, which waits for
 //! shutdown and then drains the connections.
 
 mod acceptor;
+mod access;
 mod capacity;
 mod connection;
 pub mod handshake;
+pub mod proxy_protocol;
 mod registry;
 
 use std::net::{SocketAddr, TcpListener};
@@ -30,6 +33,7 @@ use crate::shutdown::Shutdown;
 use crate::stream::close_all;
 use crate::threads::{self, Helpers};
 use crate::tls::ServerTls;
+use access::Access;
 use capacity::Capacity;
 use connection::{Context, Keepalive};
 use registry::Registry;
@@ -45,6 +49,7 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 pub struct Server {
     config: ServerConfig,
     tls: Option<ServerTls>,
+    access: Access,
     listener: TcpListener,
     local_addr: SocketAddr,
     metrics_listener: TcpListener,
@@ -66,6 +71,12 @@ impl ServerState {
     /// WebSocket connections open now (what the `websocket_connections` gauge says).
     pub fn connections(&self) -> usize {
         self.registry.len()
+    }
+
+    /// The client addresses of the open WebSocket connections (behind a balancer or proxy,
+    /// the addresses it reported; port 0 when it reported none).
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.registry.peers()
     }
 
     /// Sockets still sending their opening request.
@@ -104,11 +115,13 @@ impl Server {
             ),
             _ => None,
         };
+        let access = Access::from_config(&config).map_err(Error::Setup)?;
         let listener = bind(config.port)?;
         let metrics_listener = bind(config.metrics_port)?;
         let metrics = Metrics::new();
         Ok(Server {
             tls,
+            access,
             local_addr: listener.local_addr()?,
             metrics_addr: metrics_listener.local_addr()?,
             listener,
@@ -144,6 +157,7 @@ impl Server {
         let Server {
             config,
             tls,
+            access,
             listener,
             local_addr,
             metrics_listener,
@@ -159,6 +173,9 @@ impl Server {
                 .map(|max| max.min(usize::MAX as u64) as usize),
         );
         info!("Connection ceiling: {capacity}");
+        if let Some(summary) = access.summary() {
+            info!("Access: {summary}");
+        }
         let metrics_server = MetricsServer::start(metrics_listener, metrics.clone())?;
         // The reporter, the acceptor and the connections stop on `closing`, which follows
         // `shutdown` after the drain delay; dropping `helpers` (on any return) stops them.
@@ -182,6 +199,7 @@ impl Server {
                 idle_timeout: config.effective_idle_timeout(),
             },
             tls,
+            access,
         });
         // Every connection thread holds a clone of `alive`; the channel disconnects when
         // the last one has finished.

@@ -10,6 +10,7 @@ use std::time::Instant;
 use log::info;
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
 
+use super::access::ClientAddr;
 use crate::ending::{Ending, Reason};
 use crate::metrics::Metrics;
 use crate::stream::SharedStream;
@@ -17,7 +18,7 @@ use crate::stream::SharedStream;
 /// One live connection.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// The client's address.
+    /// The client's address (behind a balancer or proxy, the one it reported).
     pub peer: SocketAddr,
     /// When the upgrade completed.
     pub connected_at: Instant,
@@ -50,15 +51,15 @@ impl Registry {
         }
     }
 
-    /// Adds a connection and logs `Connected: PEER`; it stays until the guard drops.
-    pub fn register(&self, id: u64, peer: SocketAddr, stream: Arc<SharedStream>) -> Registration {
+    /// Adds a connection and logs `Connected: CLIENT`; it stays until the guard drops.
+    pub fn register(&self, id: u64, peer: ClientAddr, stream: Arc<SharedStream>) -> Registration {
         let connected_at = Instant::now();
         {
             let mut connections = self.write();
             connections.insert(
                 id,
                 Entry {
-                    peer,
+                    peer: peer.addr,
                     connected_at,
                     stream,
                 },
@@ -111,6 +112,11 @@ impl Registry {
         self.read().len()
     }
 
+    /// The client addresses of the live connections.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.read().values().map(|entry| entry.peer).collect()
+    }
+
     /// A copy of the live connections.
     pub fn entries(&self) -> Vec<(u64, Entry)> {
         self.read()
@@ -148,7 +154,7 @@ impl Drop for Handshaking {
 pub struct Registration {
     registry: Registry,
     id: u64,
-    peer: SocketAddr,
+    peer: ClientAddr,
     connected_at: Instant,
     ending: Option<Ending>,
 }

@@ -498,7 +498,7 @@ fn tokens_are_sent_but_never_logged() {
     });
     // A token file that vanishes keeps the last token, and says so without it.
     std::fs::remove_file(&file).unwrap();
-    let line = client.wait_for("cannot read --auth-token-file", patience());
+    let line = client.wait_for("cannot read the token file", patience());
     assert!(line.contains("sending the token read before"), "{line}");
     let n = recorder.requests().len();
     let requests = recorder.wait_for(n + 1, patience());

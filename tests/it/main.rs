@@ -5,6 +5,7 @@
 // the test threads' 2 MiB stacks.
 #![allow(clippy::unwrap_used, clippy::large_stack_frames)]
 
+mod access;
 mod client;
 mod client_handshake;
 mod client_process;

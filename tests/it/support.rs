@@ -630,3 +630,70 @@ pub fn wait_for_buffered(
     tcp.set_nonblocking(false).unwrap();
     seen
 }
+
+// ----------------------------------------------------------------------------------------
+// Hand-made upgrades with extra bytes in front (a PROXY header) or extra headers, and the
+// response head they get (access control, subprotocols, client addresses).
+// ----------------------------------------------------------------------------------------
+
+/// [`upgrade_request`] with `extra` header lines (each ending in CRLF) before the blank line.
+pub fn upgrade_request_with(extra: &str) -> String {
+    let request = upgrade_request();
+    let head = request.strip_suffix("\r\n").unwrap();
+    format!("{head}{extra}\r\n")
+}
+
+/// A response head as received: the status and the header lines.
+#[derive(Debug)]
+pub struct Head {
+    /// The status code; 0 when the connection ended before a status line.
+    pub status: u16,
+    /// The whole head as text (empty when nothing came).
+    pub text: String,
+}
+
+impl Head {
+    /// The value of header `name` (case ignored), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.text.split("\r\n").skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+}
+
+/// Sends `bytes` on a new connection to `addr` and reads the response head byte by byte
+/// (nothing after it is consumed, so the socket can go on as a WebSocket after a 101).
+/// The head is empty when the server closed without answering.
+pub fn send_for_head(addr: SocketAddr, bytes: &[u8]) -> (TcpStream, Head) {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(patience())).unwrap();
+    // The server may close before taking everything (a refused PROXY header).
+    let _ = tcp.write_all(bytes);
+    let head = read_head(&mut tcp);
+    (tcp, head)
+}
+
+/// Reads a response head byte by byte until the blank line, or until the server closes.
+pub fn read_head(tcp: &mut TcpStream) -> Head {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tcp.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "reading a response head: {e} after {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    Head { status, text }
+}
