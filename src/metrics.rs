@@ -17,11 +17,14 @@ pub struct Metrics {
     registry: Registry,
     /// `websocket_connections`: open WebSocket connections, updated as they open and close.
     pub connections: IntGauge,
-    /// `websocket_connections_total`: WebSocket connections accepted since start.
-    pub connections_total: IntCounter,
-    /// `websocket_handshake_failures_total`: requests answered with an error status, or cut
-    /// off by the handshake timeout (a connect-and-close with nothing sent does not count).
-    pub handshake_failures: IntCounter,
+    /// `websocket_connections_opened_total`: WebSocket connections accepted since start.
+    pub connections_opened: IntCounter,
+    /// `websocket_handshake_failures_total{cause}`: requests answered with an error status,
+    /// or cut off by the handshake timeout (a connect-and-close with nothing sent does not
+    /// count); `cause` is one of [`HANDSHAKE_FAILURES`].
+    pub handshake_failures: IntCounterVec,
+    /// `websocket_connection_duration_seconds`: how long connections lasted.
+    pub connection_duration: prometheus::Histogram,
     /// `websocket_connections_rejected_total`: connections refused with 503 (at the
     /// connection ceiling, or when the OS refused a thread) or 429 (past a per-address
     /// limit).
@@ -55,14 +58,33 @@ impl Metrics {
                 .expect("metric names are unique");
             counter
         };
-        let connections_total = counter(
-            "websocket_connections_total",
+        let connections_opened = counter(
+            "websocket_connections_opened_total",
             "WebSocket connections accepted since start",
         );
-        let handshake_failures = counter(
-            "websocket_handshake_failures_total",
-            "Requests on the WebSocket port answered with an error status or cut off by the handshake timeout",
+        let handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "websocket_handshake_failures_total",
+                "Requests on the WebSocket port answered with an error status or cut off by the handshake timeout, by cause",
+            ),
+            &["cause"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(handshake_failures.clone()))
+            .expect("metric names are unique");
+        // Every cause is there from the start, at 0, so rate() sees the first one.
+        for cause in HANDSHAKE_FAILURES {
+            handshake_failures.with_label_values(&[cause]);
+        }
+        let connection_duration = histogram(
+            "websocket_connection_duration_seconds",
+            "How long WebSocket connections lasted, from the upgrade to their end",
+            &DURATION_BUCKETS,
         );
+        registry
+            .register(Box::new(connection_duration.clone()))
+            .expect("metric names are unique");
         let connections_rejected = counter(
             "websocket_connections_rejected_total",
             "Connections refused: 503 at the connection ceiling or without a thread, 429 past a per-address limit",
@@ -91,8 +113,9 @@ impl Metrics {
         Metrics {
             registry,
             connections,
-            connections_total,
+            connections_opened,
             handshake_failures,
+            connection_duration,
             connections_rejected,
             connections_closed,
             log_lines_dropped,
@@ -100,9 +123,13 @@ impl Metrics {
         }
     }
 
-    /// The metrics in the Prometheus text exposition format. Fails when a collector
-    /// yields a metric family the encoder refuses (one without a name, say).
-    pub fn render(&self) -> prometheus::Result<Vec<u8>> {
+    /// The metrics in the Prometheus text exposition format, with `extra` families (counts
+    /// read from the live connections at this moment). Fails when a collector yields a
+    /// metric family the encoder refuses (one without a name, say).
+    pub fn render(
+        &self,
+        extra: Vec<prometheus::proto::MetricFamily>,
+    ) -> prometheus::Result<Vec<u8>> {
         {
             let _sync = self
                 .log_sync
@@ -112,9 +139,44 @@ impl Metrics {
             self.log_lines_dropped
                 .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
         }
+        let mut families = self.registry.gather();
+        families.extend(extra);
         let mut out = Vec::with_capacity(4096);
-        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        TextEncoder::new().encode(&families, &mut out)?;
         Ok(out)
+    }
+}
+
+/// The `cause` label values of `websocket_handshake_failures_total`.
+pub const HANDSHAKE_FAILURES: [&str; 13] = [
+    "malformed",   // 400: not HTTP, or not a WebSocket upgrade
+    "auth",        // 401: no or a wrong bearer token
+    "origin",      // 403: an Origin not allowed
+    "path",        // 404
+    "method",      // 405
+    "timeout",     // 408, or silence: not within the handshake timeout
+    "version",     // 426 or 505
+    "too_large",   // 431
+    "tls",         // the TLS handshake failed
+    "proxy",       // the PROXY protocol header was missing or wrong
+    "unavailable", // 503 while draining
+    "closed",      // the client closed in the middle of its request
+    "error",       // anything else
+];
+
+/// The `cause` label of a handshake answered with `status`.
+pub(crate) fn failure_cause(status: u16) -> &'static str {
+    match status {
+        400 => "malformed",
+        401 => "auth",
+        403 => "origin",
+        404 => "path",
+        405 => "method",
+        408 => "timeout",
+        426 | 505 => "version",
+        431 => "too_large",
+        503 => "unavailable",
+        _ => "error",
     }
 }
 
@@ -124,22 +186,35 @@ impl Default for Metrics {
     }
 }
 
-/// The metrics port: `/metrics`, `/healthz` (alive) and `/readyz` (accepting connections),
-/// served by [`http::serve`] from `metrics-http` and a few `metrics-N` threads.
+/// What the metrics port reads from the live connections at each request.
+pub(crate) trait Live: Send + Sync {
+    /// Metric families counted over the live connections (traffic, say).
+    fn families(&self) -> Vec<prometheus::proto::MetricFamily>;
+    /// `/debug/connections`: the live connections as JSON.
+    fn connections_json(&self) -> String;
+}
+
+/// The metrics port: `/metrics`, `/healthz` (alive), `/readyz` (accepting connections) and
+/// `/debug/connections`, served by [`http::serve`] from `metrics-http` and a few
+/// `metrics-N` threads.
 pub struct MetricsServer {
     ready: Arc<AtomicBool>,
     endpoint: Endpoint,
 }
 
 impl MetricsServer {
-    /// Serves `metrics` on `listener`.
-    pub fn start(listener: TcpListener, metrics: Metrics) -> std::io::Result<Self> {
+    /// Serves `metrics` and what `live` reads on `listener`.
+    pub(crate) fn start(
+        listener: TcpListener,
+        metrics: Metrics,
+        live: Arc<dyn Live>,
+    ) -> std::io::Result<Self> {
         let ready = Arc::new(AtomicBool::new(true));
         let endpoint = http::serve(
             listener,
             Arc::new({
                 let ready = ready.clone();
-                move |path: &str| route(path, &metrics, &ready)
+                move |path: &str| route(path, &metrics, &*live, &ready)
             }),
         )?;
         Ok(MetricsServer { ready, endpoint })
@@ -156,9 +231,9 @@ impl MetricsServer {
     }
 }
 
-fn route(path: &str, metrics: &Metrics, ready: &AtomicBool) -> Response {
+fn route(path: &str, metrics: &Metrics, live: &dyn Live, ready: &AtomicBool) -> Response {
     match path {
-        "/metrics" => match metrics.render() {
+        "/metrics" => match metrics.render(live.families()) {
             Ok(body) => Response {
                 status: 200,
                 content_type: prometheus::TEXT_FORMAT,
@@ -172,6 +247,11 @@ fn route(path: &str, metrics: &Metrics, ready: &AtomicBool) -> Response {
         "/healthz" => Response::text(200, "ok"),
         "/readyz" if ready.load(Ordering::SeqCst) => Response::text(200, "ready"),
         "/readyz" => Response::text(503, "shutting down"),
+        "/debug/connections" => Response {
+            status: 200,
+            content_type: "application/json",
+            body: live.connections_json().into_bytes(),
+        },
         _ => Response::text(404, "not found"),
     }
 }
@@ -181,6 +261,19 @@ mod tests {
     use super::*;
     use prometheus::core::{Collector, Desc};
     use prometheus::proto::MetricFamily;
+
+    /// No live connections: for a metrics page without a server behind it.
+    struct NoLive;
+
+    impl Live for NoLive {
+        fn families(&self) -> Vec<prometheus::proto::MetricFamily> {
+            Vec::new()
+        }
+
+        fn connections_json(&self) -> String {
+            "[]\n".into()
+        }
+    }
 
     /// A collector whose family has lost its name, which the text encoder refuses.
     struct Nameless(IntCounter);
@@ -200,22 +293,26 @@ mod tests {
     #[test]
     fn routes() {
         let (metrics, ready) = (Metrics::new(), AtomicBool::new(true));
-        let metrics_page = route("/metrics", &metrics, &ready);
+        let metrics_page = route("/metrics", &metrics, &NoLive, &ready);
         assert_eq!(metrics_page.status, 200);
         assert_eq!(metrics_page.content_type, prometheus::TEXT_FORMAT);
         let text = String::from_utf8(metrics_page.body).unwrap();
         assert!(text.contains("\nwebsocket_connections 0\n"), "{text}");
         assert_eq!(
-            route("/healthz", &metrics, &ready),
+            route("/healthz", &metrics, &NoLive, &ready),
             Response::text(200, "ok")
         );
         assert_eq!(
-            route("/readyz", &metrics, &ready),
+            route("/readyz", &metrics, &NoLive, &ready),
             Response::text(200, "ready")
         );
-        assert_eq!(route("/", &metrics, &ready).status, 404);
+        assert_eq!(route("/", &metrics, &NoLive, &ready).status, 404);
+        assert_eq!(
+            route("/debug/connections", &metrics, &NoLive, &ready).body,
+            b"[]\n"
+        );
         ready.store(false, Ordering::SeqCst);
-        assert_eq!(route("/readyz", &metrics, &ready).status, 503);
+        assert_eq!(route("/readyz", &metrics, &NoLive, &ready).status, 503);
     }
 
     #[test]
@@ -227,8 +324,8 @@ mod tests {
             .registry
             .register(Box::new(Nameless(broken)))
             .unwrap();
-        assert!(metrics.render().is_err());
-        let response = route("/metrics", &metrics, &AtomicBool::new(true));
+        assert!(metrics.render(Vec::new()).is_err());
+        let response = route("/metrics", &metrics, &NoLive, &AtomicBool::new(true));
         assert_eq!(response.status, 500);
         let body = String::from_utf8(response.body).unwrap();
         assert!(body.starts_with("cannot encode the metrics: "), "{body}");

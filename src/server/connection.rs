@@ -13,6 +13,7 @@ use super::access::{Access, Admission, ClientAddr, Refusal};
 use super::handshake::{self, Handshake};
 use super::proxy_protocol;
 use super::registry::Registry;
+use crate::activity::Activity;
 use crate::ending::{self, Ending, Reason};
 use crate::frame::close_frame;
 use crate::metrics::Metrics;
@@ -48,6 +49,29 @@ pub struct Context {
     pub tls: Option<crate::tls::ServerTls>,
     /// Token, origins, subprotocols, per-address limits, the client's real address.
     pub access: Access,
+}
+
+impl Context {
+    /// Counts a failed handshake under `cause`.
+    fn handshake_failed(&self, cause: &str) {
+        self.metrics
+            .handshake_failures
+            .with_label_values(&[cause])
+            .inc();
+    }
+}
+
+/// The `cause` label of a handshake that failed with `error`.
+fn error_cause(error: &std::io::Error) -> &'static str {
+    if crate::stream::is_tls_error(error) {
+        "tls"
+    } else if net::is_timeout(error) || error.kind() == std::io::ErrorKind::TimedOut {
+        "timeout"
+    } else if error.kind() == std::io::ErrorKind::ConnectionAborted {
+        "closed"
+    } else {
+        "error"
+    }
 }
 
 /// Server-side liveness checks, both off by default: an idle connection then blocks in
@@ -110,7 +134,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
                 return;
             }
             Err(error) => {
-                context.metrics.handshake_failures.inc();
+                context.handshake_failed("proxy");
                 info!("Connection from {peer} failed: {error}");
                 return;
             }
@@ -165,7 +189,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
                     warn!("Refused {client}: {}; answered 429", refusal.why(*ip));
                 }
                 _ if status >= 400 => {
-                    context.metrics.handshake_failures.inc();
+                    context.handshake_failed(crate::metrics::failure_cause(status));
                     info!("Rejected request from {client}: {status} {message}");
                 }
                 _ => debug!("Answered {client}: {status} {message}"),
@@ -180,7 +204,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
             return;
         }
         Err(error) => {
-            context.metrics.handshake_failures.inc();
+            context.handshake_failed(error_cause(&error));
             info!("Upgrade from {client} failed: {error}");
             return;
         }
@@ -207,7 +231,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
     // Declared after `slot`, so dropped before it: the address's place is given back
     // after the connection has left the registry.
     let mut registration = context.registry.register(id, client, stream.clone());
-    let ending = echo(&mut socket, &stream, context);
+    let ending = echo(&mut socket, &stream, registration.activity(), context);
     if matches!(
         ending.reason,
         Reason::ProtocolError | Reason::InvalidData | Reason::TooBig | Reason::IdleTimeout
@@ -222,7 +246,12 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
 }
 
 /// Echoes every data message back with its type until the connection ends.
-fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Context) -> Ending {
+fn echo(
+    socket: &mut WebSocket<WsStream>,
+    stream: &SharedStream,
+    activity: &Activity,
+    context: &Context,
+) -> Ending {
     let Keepalive {
         ping_interval,
         idle_timeout,
@@ -236,6 +265,8 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
     let mut bytes_seen = 0;
     let mut next_ping = ping_interval.map(|interval| last_activity + interval);
     let mut pings_sent: u64 = 0;
+    // The last ping: its sequence number (its payload) and when it went out.
+    let mut last_ping: Option<(u64, Instant)> = None;
     let mut peer_close = None;
     loop {
         if context.shutdown.is_requested() {
@@ -243,17 +274,33 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
         }
         match socket.read() {
             Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
-                debug!("echo {} bytes", message.len());
+                let size = message.len();
+                debug!("echo {size} bytes");
+                activity.heard();
+                activity.received(size);
                 if let Err(error) = socket.send(message) {
                     return end_with_error(&error, stream);
                 }
+                activity.sent(size);
                 if keepalive {
                     last_activity = Instant::now();
                 }
             }
-            Ok(Message::Close(frame)) => peer_close = Some(frame),
+            Ok(Message::Close(frame)) => {
+                activity.heard();
+                peer_close = Some(frame);
+            }
+            Ok(Message::Pong(payload)) => {
+                activity.heard();
+                if let Some((seq, sent)) = last_ping {
+                    if payload[..] == seq.to_be_bytes() {
+                        activity.pong(sent.elapsed());
+                        last_ping = None;
+                    }
+                }
+            }
             // tungstenite queues the pong and sends it before the next read.
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+            Ok(Message::Ping(_) | Message::Frame(_)) => activity.heard(),
             Err(WsError::Io(error)) if net::is_timeout(&error) => {}
             // Our shutdown Close went first: whatever ends the connection now (the peer's
             // reply, or the abort after the shutdown timeout) ends it for the shutdown.
@@ -302,6 +349,7 @@ fn echo(socket: &mut WebSocket<WsStream>, stream: &SharedStream, context: &Conte
                 {
                     return end_with_error(&error, stream);
                 }
+                last_ping = Some((pings_sent, now));
                 next_ping = Some(now + interval);
             }
         }

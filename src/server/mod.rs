@@ -176,7 +176,11 @@ impl Server {
         if let Some(summary) = access.summary() {
             info!("Access: {summary}");
         }
-        let metrics_server = MetricsServer::start(metrics_listener, metrics.clone())?;
+        let metrics_server = MetricsServer::start(
+            metrics_listener,
+            metrics.clone(),
+            Arc::new(registry.clone()),
+        )?;
         // The reporter, the acceptor and the connections stop on `closing`, which follows
         // `shutdown` after the drain delay; dropping `helpers` (on any return) stops them.
         let mut helpers = Helpers::new();

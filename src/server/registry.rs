@@ -4,15 +4,19 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use log::info;
-use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use prometheus::proto::MetricFamily;
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 
 use super::access::ClientAddr;
+use crate::activity::{Activity, Snapshot};
+use crate::debug::{self, Row};
 use crate::ending::{Ending, Reason};
-use crate::metrics::Metrics;
+use crate::metrics::{family, Live, Metrics};
 use crate::stream::SharedStream;
 
 /// One live connection.
@@ -24,6 +28,10 @@ pub struct Entry {
     pub connected_at: Instant,
     /// The socket, to send a Close frame or shut it down from another thread.
     pub stream: Arc<SharedStream>,
+    /// What the connection did so far.
+    pub activity: Arc<Activity>,
+    /// The OS id of its thread.
+    pub tid: Option<u32>,
 }
 
 /// Connections by id, shared by the connection threads, the reporter and shutdown.
@@ -35,6 +43,9 @@ pub struct Registry {
     gauge: IntGauge,
     accepted: IntCounter,
     closed: IntCounterVec,
+    duration: Histogram,
+    /// Traffic of the connections that have ended: messages and bytes in, then out.
+    finished: Arc<[AtomicU64; 4]>,
 }
 
 impl Registry {
@@ -46,14 +57,18 @@ impl Registry {
             connections: Arc::default(),
             handshaking: Arc::default(),
             gauge: metrics.connections.clone(),
-            accepted: metrics.connections_total.clone(),
+            accepted: metrics.connections_opened.clone(),
             closed: metrics.connections_closed.clone(),
+            duration: metrics.connection_duration.clone(),
+            finished: Arc::default(),
         }
     }
 
     /// Adds a connection and logs `Connected: CLIENT`; it stays until the guard drops.
+    /// Called on the connection's own thread (its id goes into `/debug/connections`).
     pub fn register(&self, id: u64, peer: ClientAddr, stream: Arc<SharedStream>) -> Registration {
         let connected_at = Instant::now();
+        let activity = Arc::new(Activity::new());
         {
             let mut connections = self.write();
             connections.insert(
@@ -62,6 +77,8 @@ impl Registry {
                     peer: peer.addr,
                     connected_at,
                     stream,
+                    activity: activity.clone(),
+                    tid: debug::thread_id(),
                 },
             );
             self.gauge.set(connections.len() as i64);
@@ -72,7 +89,7 @@ impl Registry {
             registry: self.clone(),
             id,
             peer,
-            connected_at,
+            activity,
             ending: None,
         }
     }
@@ -155,11 +172,16 @@ pub struct Registration {
     registry: Registry,
     id: u64,
     peer: ClientAddr,
-    connected_at: Instant,
+    activity: Arc<Activity>,
     ending: Option<Ending>,
 }
 
 impl Registration {
+    /// What the connection does, for its thread to update.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
     /// Records how the connection ended, for the disconnect log line and the metrics.
     pub fn set_ending(&mut self, ending: Ending) {
         self.ending = Some(ending);
@@ -172,18 +194,93 @@ impl Drop for Registration {
             .ending
             .take()
             .unwrap_or_else(|| Ending::new(Reason::Error, "connection thread panicked"));
+        let activity = self.activity.snapshot();
         // Counted before it leaves the registry: whoever sees the connection gone also sees
-        // why it went.
+        // why it went and what it carried.
         self.registry
             .closed
             .with_label_values(&[ending.reason.label(), &ending.code_label()])
             .inc();
+        self.registry.duration.observe(activity.age.as_secs_f64());
         {
             let mut connections = self.registry.write();
+            for (total, n) in self.registry.finished.iter().zip(traffic(&activity)) {
+                total.fetch_add(n, Ordering::Relaxed);
+            }
             connections.remove(&self.id);
             self.registry.gauge.set(connections.len() as i64);
         }
-        let lived = self.connected_at.elapsed().as_secs_f64();
-        info!("Disconnected: {} ({ending}, after {lived:.1}s)", self.peer);
+        info!(
+            "Disconnected: {} ({})",
+            self.peer,
+            ending.describe(&activity)
+        );
+    }
+}
+
+/// Messages and bytes in, then out.
+fn traffic(activity: &Snapshot) -> [u64; 4] {
+    [
+        activity.messages_in,
+        activity.bytes_in,
+        activity.messages_out,
+        activity.bytes_out,
+    ]
+}
+
+impl Live for Registry {
+    /// `websocket_messages_total{direction}` and `websocket_bytes_total{direction}`: what
+    /// the ended connections carried plus what the live ones have carried so far (counted
+    /// by each connection's thread on its own counters, summed here, at the scrape).
+    fn families(&self) -> Vec<MetricFamily> {
+        let mut totals: [u64; 4] =
+            std::array::from_fn(|i| self.finished[i].load(Ordering::Relaxed));
+        // Under the read lock: a connection moves from live to finished under the write lock.
+        let connections = self.read();
+        for entry in connections.values() {
+            for (total, n) in totals.iter_mut().zip(traffic(&entry.activity.snapshot())) {
+                *total += n;
+            }
+        }
+        drop(connections);
+        let [messages_in, bytes_in, messages_out, bytes_out] = totals;
+        vec![
+            family::counter(
+                "websocket_messages_total",
+                "WebSocket data messages, by direction (in: from clients, out: echoes)",
+                &[
+                    (&[("direction", "in")], messages_in),
+                    (&[("direction", "out")], messages_out),
+                ],
+            ),
+            family::counter(
+                "websocket_bytes_total",
+                "WebSocket payload bytes, by direction",
+                &[
+                    (&[("direction", "in")], bytes_in),
+                    (&[("direction", "out")], bytes_out),
+                ],
+            ),
+        ]
+    }
+
+    fn connections_json(&self) -> String {
+        let entries = self.entries();
+        let names: Vec<(String, String)> = entries
+            .iter()
+            .map(|(id, entry)| (format!("conn-{id}"), entry.peer.to_string()))
+            .collect();
+        let rows: Vec<Row<'_>> = entries
+            .iter()
+            .zip(&names)
+            .map(|((id, entry), (thread, peer))| Row {
+                id: *id,
+                thread,
+                tid: entry.tid,
+                peer,
+                activity: entry.activity.snapshot(),
+            })
+            .collect();
+        debug::render(&rows)
     }
 }

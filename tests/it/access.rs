@@ -73,7 +73,7 @@ fn echo_and_close(mut tcp: TcpStream) {
 /// response is written).
 fn wait_failures(server: &TestServer, n: u32) {
     support::wait_until(&format!("{n} handshake failures are counted"), || {
-        server.metric("websocket_handshake_failures_total") == f64::from(n)
+        server.handshake_failures() == f64::from(n)
     });
 }
 
@@ -231,7 +231,7 @@ fn upgrades_without_the_right_bearer_token_get_401() {
     assert_echo(&mut ws, 100);
     close_normally(ws);
     server.wait_settled(0);
-    assert_eq!(server.metric("websocket_connections_total"), 2.0);
+    assert_eq!(server.metric("websocket_connections_opened_total"), 2.0);
     assert_eq!(server.metric("websocket_connections_rejected_total"), 0.0);
     // Health checks need no token.
     assert_eq!(support::http_get(server.addr, "/").0, 200);
@@ -367,9 +367,9 @@ fn the_connection_after_the_limit_from_one_address_gets_429_without_a_thread() {
         "{most_threads} connection threads while refusing ({MAX} connections)"
     );
     wait_rejected(&server, (REFUSERS * REFUSALS) as u32);
-    assert_eq!(server.metric("websocket_handshake_failures_total"), 0.0);
+    assert_eq!(server.handshake_failures(), 0.0);
     assert_eq!(
-        server.metric("websocket_connections_total"),
+        server.metric("websocket_connections_opened_total"),
         MAX as f64,
         "a refused connection was counted as accepted"
     );
@@ -450,9 +450,9 @@ fn the_connect_rate_refuses_a_burst_beyond_the_bucket_and_admits_after_refill() 
     assert_too_many(&upgrade(&server, "").1, "right after the refill");
     refused += 1;
     wait_rejected(&server, refused);
-    assert_eq!(server.metric("websocket_handshake_failures_total"), 0.0);
+    assert_eq!(server.handshake_failures(), 0.0);
     assert_eq!(
-        server.metric("websocket_connections_total"),
+        server.metric("websocket_connections_opened_total"),
         (BURST + 1) as f64
     );
     server.wait_settled(0);
@@ -492,8 +492,8 @@ fn proxy_protocol_v1_and_v2_give_the_client_address() {
     }
     server.wait_settled(0);
     assert_eq!(server.closed("peer_close", "1000"), 3.0);
-    assert_eq!(server.metric("websocket_connections_total"), 3.0);
-    assert_eq!(server.metric("websocket_handshake_failures_total"), 0.0);
+    assert_eq!(server.metric("websocket_connections_opened_total"), 3.0);
+    assert_eq!(server.handshake_failures(), 0.0);
 }
 
 #[test]
@@ -522,7 +522,7 @@ fn proxy_protocol_local_health_checks_and_missing_or_garbled_headers() {
     server.wait_settled(0);
     // A bare connect-and-close (a TCP health check) is not a failure either.
     drop(TcpStream::connect(server.addr).unwrap());
-    assert_eq!(server.metric("websocket_handshake_failures_total"), 0.0);
+    assert_eq!(server.handshake_failures(), 0.0);
 
     // A request without the header, or with a garbled one: closed without an answer.
     let (_, head) = send_for_head(server.addr, upgrade_request().as_bytes());
@@ -603,7 +603,7 @@ fn the_proxy_header_comes_before_tls() {
     ws.close(None).unwrap();
     while ws.read().is_ok() {}
     server.wait_settled(0);
-    assert_eq!(server.metric("websocket_handshake_failures_total"), 0.0);
+    assert_eq!(server.handshake_failures(), 0.0);
 }
 
 #[test]
@@ -619,7 +619,7 @@ fn per_address_limits_apply_to_the_proxy_protocol_address() {
     let (_, head) = upgrade_after(&server, &proxy_v1(again), "");
     assert_eq!(assert_too_many(&head, "a again"), 5);
     wait_rejected(&server, 1);
-    assert_eq!(server.metric("websocket_handshake_failures_total"), 0.0);
+    assert_eq!(server.handshake_failures(), 0.0);
     echo_and_close(first);
     server.wait_settled(1);
     let third = assert_upgraded(upgrade_after(&server, &proxy_v1(again), ""), "a once free");

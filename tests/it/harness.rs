@@ -105,6 +105,11 @@ impl TestServer {
         support::try_metric(self.metrics, series).unwrap_or(0.0)
     }
 
+    /// Failed handshakes of every cause (`websocket_handshake_failures_total`).
+    pub fn handshake_failures(&self) -> f64 {
+        support::metric_sum(self.metrics, "websocket_handshake_failures_total")
+    }
+
     /// How many connections ended for `reason` (a label of
     /// `websocket_connections_closed_total`, e.g. `peer_close`) with Close `code` (`none`
     /// for no code).

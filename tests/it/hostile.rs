@@ -255,11 +255,8 @@ fn garbage_instead_of_http_is_refused_or_dropped_and_survived() {
         }
     }
     server.wait_settled(0);
-    assert_eq!(
-        server.metric("websocket_handshake_failures_total"),
-        cases.len() as f64
-    );
-    assert_eq!(server.metric("websocket_connections_total"), 0.0);
+    assert_eq!(server.handshake_failures(), cases.len() as f64);
+    assert_eq!(server.metric("websocket_connections_opened_total"), 0.0);
     assert_recovered(&server, 0);
 }
 
@@ -433,11 +430,8 @@ fn refused_upgrades_get_a_status_line_before_the_close() {
         assert!(!response.body.trim().is_empty(), "{what}: no reason given");
     }
     server.wait_settled(0);
-    assert_eq!(
-        server.metric("websocket_handshake_failures_total"),
-        cases.len() as f64
-    );
-    assert_eq!(server.metric("websocket_connections_total"), 0.0);
+    assert_eq!(server.handshake_failures(), cases.len() as f64);
+    assert_eq!(server.metric("websocket_connections_opened_total"), 0.0);
     assert_recovered(&server, 0);
 }
 
@@ -552,7 +546,7 @@ fn protocol_violations_get_their_close_code_then_tcp_closes() {
     }
     assert_eq!(closed_total(&server), cases.len() as f64);
     assert_eq!(
-        server.metric("websocket_connections_total"),
+        server.metric("websocket_connections_opened_total"),
         1.0 + cases.len() as f64
     );
     assert_echo(&mut bystander, 10);
@@ -644,8 +638,8 @@ fn silent_and_trickling_clients_are_dropped_at_the_handshake_timeout() {
     }
     server.wait_settled(0);
     // Silent or not, each timed out handshake counts as a failure.
-    assert_eq!(server.metric("websocket_handshake_failures_total"), 12.0);
-    assert_eq!(server.metric("websocket_connections_total"), 0.0);
+    assert_eq!(server.handshake_failures(), 12.0);
+    assert_eq!(server.metric("websocket_connections_opened_total"), 0.0);
     assert_recovered(&server, 0);
 }
 
@@ -692,7 +686,7 @@ fn request_heads_over_8_kib_get_431_and_exactly_8_kib_upgrades() {
         assert_eq!(response.status, 431, "{what}: {response:?}");
     }
     server.wait_settled(0);
-    assert_eq!(server.metric("websocket_handshake_failures_total"), 3.0);
+    assert_eq!(server.handshake_failures(), 3.0);
     assert_recovered(&server, 0);
 
     // Exactly 8 KiB is within the limit, and the connection works.
@@ -720,7 +714,7 @@ fn request_heads_over_8_kib_get_431_and_exactly_8_kib_upgrades() {
     assert_eq!(code, Some(1000));
     assert_eq!(read_to_end(&mut tcp).end, End::Eof);
     assert_recovered(&server, 0);
-    assert_eq!(server.metric("websocket_handshake_failures_total"), 3.0);
+    assert_eq!(server.handshake_failures(), 3.0);
     // The recovery checks and the 8 KiB upgrade.
     assert_eq!(server.closed("peer_close", "1000"), 3.0);
 }
@@ -763,12 +757,12 @@ fn a_thousand_connections_abandoned_mid_handshake() {
         // as far as the server can tell) does not.
         let partial_per_wave = (0..WAVE).filter(|i| i % 3 != 0).count();
         assert_eq!(
-            server.metric("websocket_handshake_failures_total"),
+            server.handshake_failures(),
             ((wave + 1) * partial_per_wave) as f64
         );
     }
     assert_recovered(&server, 0);
-    assert_eq!(server.metric("websocket_connections_total"), 3.0);
+    assert_eq!(server.metric("websocket_connections_opened_total"), 3.0);
     assert_eq!(server.closed("peer_close", "1000"), 3.0);
 }
 
@@ -836,9 +830,12 @@ fn a_flood_of_connects_and_disconnects() {
     server.wait_settled(0);
     let upgrades = upgrades.load(Ordering::SeqCst) as f64;
     let clean = clean.load(Ordering::SeqCst) as f64;
-    assert_eq!(server.metric("websocket_connections_total"), upgrades);
     assert_eq!(
-        server.metric("websocket_handshake_failures_total"),
+        server.metric("websocket_connections_opened_total"),
+        upgrades
+    );
+    assert_eq!(
+        server.handshake_failures(),
         failures.load(Ordering::SeqCst) as f64
     );
     // Every connection is counted once as it ends: the clean ones as such, the abrupt ones
@@ -938,7 +935,7 @@ fn beyond_max_connections_503_with_retry_after_and_live_ones_untouched() {
         server.metric("websocket_connections_rejected_total"),
         rejected
     );
-    assert_eq!(server.metric("websocket_handshake_failures_total"), 0.0);
+    assert_eq!(server.handshake_failures(), 0.0);
 }
 
 #[test]

@@ -98,7 +98,10 @@ fn paths_methods_and_query_strings() {
     assert_eq!(get(addr, "/healthz?probe=1&x").2, "ok\n");
     let (status, _, body) = get(addr, "/metrics?name[]=websocket_connections");
     assert_eq!(status, 200);
-    assert!(body.contains("websocket_connections_total"), "{body}");
+    assert!(
+        body.contains("websocket_connections_opened_total"),
+        "{body}"
+    );
 
     let (status, head, _) = exchange(
         addr,

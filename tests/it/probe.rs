@@ -331,3 +331,108 @@ fn the_idle_timeout_finder_reports_the_limit_a_proxy_enforces() {
     // Done by itself.
     client.wait_stopped(Duration::from_secs(5));
 }
+
+// ----------------------------------------------------------------------------------------
+// The server's side of the story
+// ----------------------------------------------------------------------------------------
+
+#[test]
+fn the_server_counts_traffic_by_direction_and_connection_lifetimes() {
+    let server = TestServer::start(&[]);
+    let mut ws = server.connect();
+    for _ in 0..3 {
+        ws.send(Message::text("0123456789")).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text("0123456789"));
+    }
+    // Counted while the connection lives...
+    for (series, value) in [
+        ("websocket_messages_total{direction=\"in\"}", 3.0),
+        ("websocket_messages_total{direction=\"out\"}", 3.0),
+        ("websocket_bytes_total{direction=\"in\"}", 30.0),
+        ("websocket_bytes_total{direction=\"out\"}", 30.0),
+    ] {
+        assert_eq!(server.metric(series), value, "{series}");
+    }
+    support::close_normally(ws);
+    server.wait_settled(0);
+    // ... and kept once it has ended, with its lifetime observed.
+    assert_eq!(
+        server.metric("websocket_messages_total{direction=\"in\"}"),
+        3.0
+    );
+    assert_eq!(
+        server.metric("websocket_bytes_total{direction=\"out\"}"),
+        30.0
+    );
+    assert_eq!(
+        server.metric("websocket_connection_duration_seconds_count"),
+        1.0
+    );
+    assert_eq!(server.metric("websocket_connections_opened_total"), 1.0);
+}
+
+#[test]
+fn failed_handshakes_are_counted_by_cause() {
+    let server = TestServer::start(&["--handshake-timeout", "300ms"]);
+    let failures = |cause: &str| {
+        server.count(&format!(
+            "websocket_handshake_failures_total{{cause=\"{cause}\"}}"
+        ))
+    };
+    // Every cause is there from the start.
+    assert_eq!(failures("tls"), 0.0);
+    assert_eq!(support::http_get(server.addr, "/nope").0, 404);
+    let answer = support::raw_exchange(
+        server.addr,
+        b"POST /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    let answer = support::raw_exchange(server.addr, b"\x16\x03\x01garbage\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    // Half a request, then silence: cut off at the handshake timeout.
+    let answer = support::raw_exchange(server.addr, b"GET /ws HTTP/1.1\r\nHost: x\r\n");
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    support::wait_until("four failures are counted", || {
+        server.handshake_failures() == 4.0
+    });
+    for cause in ["path", "method", "malformed", "timeout"] {
+        assert_eq!(failures(cause), 1.0, "{cause}");
+    }
+}
+
+#[test]
+fn the_servers_debug_page_names_each_connections_thread() {
+    let server = TestServer::start(&["--server-ping-interval", "50ms"]);
+    let mut clients: Vec<_> = (0..2).map(|_| server.connect()).collect();
+    // Reading lets tungstenite answer the server's pings: a round trip to show.
+    for ws in &mut clients {
+        ws.send(Message::text("x")).unwrap();
+        assert_eq!(
+            support::read_skipping_pings(ws).unwrap(),
+            Message::text("x")
+        );
+    }
+    let (status, response) = support::http_get(server.metrics, "/debug/connections");
+    assert_eq!(status, 200, "{response}");
+    for ws in &clients {
+        let peer = support::local_addr(ws).to_string();
+        assert!(
+            response.contains(&format!("\"peer\": \"{peer}\"")),
+            "{response}"
+        );
+    }
+    let threads = response.matches("\"thread\": \"conn-").count();
+    assert_eq!(threads, 2, "{response}");
+    let tids: Vec<u32> = response
+        .split("\"tid\": ")
+        .skip(1)
+        .filter_map(|rest| rest.split(',').next()?.parse().ok())
+        .collect();
+    assert_eq!(tids.len(), 2, "{response}");
+    for tid in tids {
+        assert!(
+            std::path::Path::new(&format!("/proc/self/task/{tid}")).exists(),
+            "no thread {tid}"
+        );
+    }
+}

@@ -408,6 +408,19 @@ pub fn metric(addr: SocketAddr, name: &str) -> f64 {
     try_metric(addr, name).unwrap_or_else(|| panic!("no metric {name} at http://{addr}/metrics"))
 }
 
+/// The sum of every series of metric `name` (all its label values).
+pub fn metric_sum(addr: SocketAddr, name: &str) -> f64 {
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    body.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Like [`metric`], `None` when the series is not (yet) there.
 pub fn try_metric(addr: SocketAddr, name: &str) -> Option<f64> {
     let (status, body) = http_get(addr, "/metrics");

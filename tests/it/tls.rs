@@ -150,7 +150,7 @@ fn an_unknown_issuer_a_wrong_name_and_an_expired_certificate_fail_as_tls_and_are
     }
     // The server counts what its clients refused.
     support::wait_until("the server counts the refused handshakes", || {
-        good_server.metric("websocket_handshake_failures_total") >= 4.0
+        good_server.handshake_failures() >= 4.0
     });
     assert_eq!(good_server.state().connections(), 0);
 }
@@ -307,7 +307,7 @@ fn garbage_a_stalled_handshake_and_a_vanishing_client_cost_only_their_connection
         "plain HTTP was upgraded on a TLS port"
     );
     support::wait_until("the garbage is counted", || {
-        server.metric("websocket_handshake_failures_total") >= 1.0
+        server.handshake_failures() >= 1.0
     });
 
     // Half a ClientHello, then silence: cut off at the handshake timeout, not before.
