@@ -79,6 +79,17 @@ pub struct ServerConfig {
     #[arg(long, env = "WEBSOCKET_TEST_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
     pub write_timeout: Duration,
 
+    /// TCP keepalive: silence before the kernel probes a connection (then every third of
+    /// it); `off` disables. With --tcp-user-timeout it ends a silently vanished client
+    /// within about a minute
+    #[arg(long, env = "WEBSOCKET_TEST_TCP_KEEPALIVE", default_value = "15s", value_parser = parse_optional_interval)]
+    pub tcp_keepalive: OptionalDuration,
+
+    /// TCP_USER_TIMEOUT: data (or keepalive probes) unacknowledged this long ends the
+    /// connection; `off` keeps the kernel's default (about 15 minutes)
+    #[arg(long, env = "WEBSOCKET_TEST_TCP_USER_TIMEOUT", default_value = "45s", value_parser = parse_optional_interval)]
+    pub tcp_user_timeout: OptionalDuration,
+
     /// Largest message accepted; a larger one closes the connection with 1009
     #[arg(long, env = "WEBSOCKET_TEST_MAX_MESSAGE_SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_message_size: usize,
@@ -171,6 +182,14 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// How accepted sockets notice a client that vanished.
+    pub(crate) fn liveness(&self) -> crate::net::Liveness {
+        crate::net::Liveness {
+            keepalive: self.tcp_keepalive.0,
+            user_timeout: self.tcp_user_timeout.0,
+        }
+    }
+
     /// `ws` or `wss`, as the server is configured.
     pub fn scheme(&self) -> &'static str {
         if self.tls_cert.is_some() {
@@ -336,6 +355,16 @@ pub struct ClientConfig {
     #[arg(long, env = "WEBSOCKET_TEST_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
     pub connect_timeout: Duration,
 
+    /// TCP keepalive: silence before the kernel probes a connection (then every third of
+    /// it); `off` disables
+    #[arg(long, env = "WEBSOCKET_TEST_TCP_KEEPALIVE", default_value = "15s", value_parser = parse_optional_interval)]
+    pub tcp_keepalive: OptionalDuration,
+
+    /// TCP_USER_TIMEOUT: data (or keepalive probes) unacknowledged this long ends the
+    /// connection; `off` keeps the kernel's default
+    #[arg(long, env = "WEBSOCKET_TEST_TCP_USER_TIMEOUT", default_value = "45s", value_parser = parse_optional_interval)]
+    pub tcp_user_timeout: OptionalDuration,
+
     /// New connections per second while starting up [default: all at once]
     #[arg(long, env = "WEBSOCKET_TEST_RAMP", value_parser = clap::value_parser!(u32).range(1..))]
     pub ramp: Option<u32>,
@@ -396,6 +425,14 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// How dialled sockets notice a server that vanished.
+    pub(crate) fn liveness(&self) -> crate::net::Liveness {
+        crate::net::Liveness {
+            keepalive: self.tcp_keepalive.0,
+            user_timeout: self.tcp_user_timeout.0,
+        }
+    }
+
     /// Where to connect: `--url`, or `--host`, `--port`, `--path` and `--tls`.
     pub fn target(&self) -> Target {
         self.url.clone().unwrap_or_else(|| Target {
@@ -875,6 +912,18 @@ fn explain_duration_error(text: &str, error: humantime::DurationError) -> String
         E::UnknownUnit { unit, .. } => format!("unknown unit {unit:?} ({UNITS})"),
         E::NumberOverflow => "too large, or finer than a nanosecond".into(),
     }
+}
+
+/// A duration flag that can be turned `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalDuration(pub Option<Duration>);
+
+/// Parses an interval (greater than zero) or `off`.
+fn parse_optional_interval(text: &str) -> Result<OptionalDuration, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(OptionalDuration(None));
+    }
+    parse_interval(text).map(|duration| OptionalDuration(Some(duration)))
 }
 
 /// Parses a fraction from 0 to 1, e.g. `0.2`.
@@ -2140,6 +2189,25 @@ mod tests {
         assert!(defaults.allowed_origins.is_empty() && defaults.trusted_proxies.is_empty());
         assert!(!defaults.proxy_protocol && defaults.auth_token.is_none());
         assert!(ServerConfig::try_parse_from(["server", "--max-connections-per-ip", "0"]).is_err());
+    }
+
+    #[test]
+    fn by_default_a_vanished_peer_is_found_within_a_minute() {
+        let server = ServerConfig::try_parse_from(["server"]).unwrap();
+        let client = ClientConfig::try_parse_from(["client"]).unwrap();
+        for liveness in [server.liveness(), client.liveness()] {
+            let bound = liveness.bound().expect("on by default");
+            assert!(bound <= Duration::from_secs(60), "{bound:?}");
+        }
+        let off = ServerConfig::try_parse_from([
+            "server",
+            "--tcp-keepalive",
+            "off",
+            "--tcp-user-timeout",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(off.liveness().bound(), None);
     }
 
     #[test]

@@ -35,13 +35,16 @@ pub enum Reason {
     Shutdown,
     /// Load mode: the connection sent its messages and closed normally.
     Finished,
+    /// TCP keepalive or the user timeout gave up: the peer vanished without a word (a
+    /// pulled cable, a forgotten NAT entry, a firewall that drops).
+    Vanished,
     /// Any other transport or protocol error.
     Error,
 }
 
 impl Reason {
     /// Every reason, in label order.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::PeerClose,
         Reason::Eof,
         Reason::Reset,
@@ -53,6 +56,7 @@ impl Reason {
         Reason::WriteTimeout,
         Reason::Shutdown,
         Reason::Finished,
+        Reason::Vanished,
         Reason::Error,
     ];
 
@@ -70,6 +74,7 @@ impl Reason {
             Reason::WriteTimeout => "write_timeout",
             Reason::Shutdown => "shutdown",
             Reason::Finished => "finished",
+            Reason::Vanished => "vanished",
             Reason::Error => "error",
         }
     }
@@ -153,6 +158,7 @@ impl Ending {
                 | io::ErrorKind::ConnectionAborted
                 | io::ErrorKind::BrokenPipe => Reason::Reset,
                 io::ErrorKind::UnexpectedEof => Reason::Eof,
+                io::ErrorKind::TimedOut => Reason::Vanished,
                 _ => Reason::Error,
             }
         };
@@ -177,7 +183,7 @@ impl Ending {
     pub fn who(&self) -> Who {
         match self.reason {
             Reason::PeerClose => Who::Peer,
-            Reason::Eof | Reason::Reset | Reason::Error => Who::Network,
+            Reason::Eof | Reason::Reset | Reason::Vanished | Reason::Error => Who::Network,
             _ => Who::Us,
         }
     }

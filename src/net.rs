@@ -39,13 +39,15 @@ pub fn wake_acceptor(listen_addr: SocketAddr) {
     let _ = TcpStream::connect_timeout(&local_reach(listen_addr), Duration::from_secs(1));
 }
 
-/// True for the errors a socket read timeout produces (`WouldBlock` on Unix, `TimedOut`
-/// on Windows): a tick, not a failure.
+/// True for the error a socket read or write timeout produces (`WouldBlock` on Unix,
+/// `TimedOut` on Windows): a tick, not a failure. On Unix `TimedOut` (ETIMEDOUT) means
+/// something else: TCP keepalive or the user timeout gave up on the peer.
 pub fn is_timeout(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    match error.kind() {
+        io::ErrorKind::WouldBlock => true,
+        io::ErrorKind::TimedOut => cfg!(windows),
+        _ => false,
+    }
 }
 
 /// Reads more of an HTTP head from `source` straight into `buf`, growing it (from 1 KiB,
@@ -68,6 +70,55 @@ pub fn read_head_chunk(
     let read = source.read(&mut buf[len..]);
     buf.truncate(len + *read.as_ref().unwrap_or(&0));
     read
+}
+
+/// How a socket notices a peer that vanished without a word (a cable pulled, a NAT entry
+/// forgotten, a firewall that drops): TCP keepalive probes after `keepalive` of silence,
+/// one every third of that, and `user_timeout` for data (or probes) left unacknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// Silence before the first keepalive probe; `None`: no probes.
+    pub keepalive: Option<Duration>,
+    /// `TCP_USER_TIMEOUT`: unacknowledged data this old ends the connection; `None`: the
+    /// kernel's default (about 15 minutes of retransmissions).
+    pub user_timeout: Option<Duration>,
+}
+
+/// Keepalive probes before the kernel gives up when no user timeout is set.
+const KEEPALIVE_PROBES: u32 = 3;
+
+impl Liveness {
+    /// The longest a silently vanished peer can hold a connection: the first probe, then
+    /// the probes until the user timeout (or their count) gives up.
+    pub fn bound(&self) -> Option<Duration> {
+        match (self.keepalive, self.user_timeout) {
+            (Some(idle), Some(user)) => Some(user.max(idle) + Self::interval(idle)),
+            (Some(idle), None) => Some(idle + Self::interval(idle) * KEEPALIVE_PROBES),
+            (None, Some(user)) => Some(user),
+            (None, None) => None,
+        }
+    }
+
+    fn interval(idle: Duration) -> Duration {
+        (idle / 3).max(Duration::from_secs(1).min(idle))
+    }
+
+    /// Sets both on `tcp` (best effort: a platform without them keeps its defaults).
+    pub fn apply(&self, tcp: &TcpStream) {
+        let socket = socket2::SockRef::from(tcp);
+        if let Some(idle) = self.keepalive {
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(Self::interval(idle));
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            let keepalive = keepalive.with_retries(KEEPALIVE_PROBES);
+            let _ = socket.set_tcp_keepalive(&keepalive);
+        }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(timeout) = self.user_timeout {
+            let _ = socket.set_tcp_user_timeout(Some(timeout));
+        }
+    }
 }
 
 /// How long [`close_gracefully`] usually waits for the peer to finish sending.

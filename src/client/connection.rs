@@ -241,6 +241,7 @@ impl Dialer {
             None => tcp_connect(&target.host, target.port, deadline, config)?,
         };
         let _ = tcp.set_nodelay(true);
+        config.liveness().apply(&tcp);
         let stream = match &self.tls {
             Some(tls) => tls
                 .wrap(tcp, &self.server_name)
@@ -405,7 +406,7 @@ impl ConnectError {
 
     /// A socket error: a timeout, or the connect failed.
     fn io(error: &std::io::Error, message: String) -> Self {
-        let cause = if net::is_timeout(error) {
+        let cause = if net::is_timeout(error) || error.kind() == std::io::ErrorKind::TimedOut {
             Failure::Timeout
         } else {
             Failure::Connect

@@ -45,6 +45,8 @@ pub struct Context {
     pub going_away: Arc<[u8]>,
     /// Server-side pings and the idle timeout.
     pub keepalive: Keepalive,
+    /// TCP keepalive and user timeout for every accepted socket.
+    pub liveness: net::Liveness,
     /// Serve `wss://`: every accepted socket starts with a TLS handshake.
     pub tls: Option<crate::tls::ServerTls>,
     /// Token, origins, subprotocols, per-address limits, the client's real address.
@@ -103,6 +105,7 @@ impl Keepalive {
 /// is known (after the PROXY header, or from a trusted proxy's request).
 pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, context: &Context) {
     let _ = tcp.set_nodelay(true);
+    context.liveness.apply(&tcp);
     let stream = match &context.tls {
         Some(tls) => match tls.wrap(tcp) {
             Ok(stream) => stream,

@@ -173,6 +173,13 @@ impl Server {
                 .map(|max| max.min(usize::MAX as u64) as usize),
         );
         info!("Connection ceiling: {capacity}");
+        match config.liveness().bound() {
+            Some(bound) => info!(
+                "A client that vanishes without a word is dropped within {} (--tcp-keepalive, --tcp-user-timeout)",
+                crate::activity::Seconds(bound)
+            ),
+            None => warn!("--tcp-keepalive and --tcp-user-timeout are off: a client that vanishes without a word is counted until the kernel gives up (about 15 minutes, or never when idle)"),
+        }
         if let Some(summary) = access.summary() {
             info!("Access: {summary}");
         }
@@ -204,6 +211,7 @@ impl Server {
             },
             tls,
             access,
+            liveness: config.liveness(),
         });
         // Every connection thread holds a clone of `alive`; the channel disconnects when
         // the last one has finished.

@@ -12,6 +12,7 @@ mod client_process;
 mod harness;
 mod hostile;
 mod metrics_http;
+mod netcut;
 mod pki;
 mod probe;
 mod process;

@@ -442,12 +442,30 @@ pub fn wait_until(what: &str, condition: impl FnMut() -> bool) {
 impl Proc {
     /// Like [`Proc::start`], with extra environment variables set for the child.
     pub fn start_with_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::spawn(None, bin, args, env)
+    }
+
+    /// Like [`Proc::start`], inside network namespace `netns` (`ip netns exec`, which execs
+    /// the binary: the process is the binary itself).
+    pub fn start_in(netns: &str, bin: &str, args: &[&str]) -> Proc {
+        Proc::spawn(Some(netns), bin, args, &[])
+    }
+
+    fn spawn(netns: Option<&str>, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let path = match bin {
             "server" => env!("CARGO_BIN_EXE_server"),
             "client" => env!("CARGO_BIN_EXE_client"),
             other => panic!("unknown binary {other}"),
         };
-        let mut child = Command::new(path)
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, path]);
+                command
+            }
+            None => Command::new(path),
+        };
+        let mut child = command
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
