@@ -66,10 +66,26 @@ pub struct ServerConfig {
     #[arg(long, env = "WEBSOCKET_TEST_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_interval)]
     pub shutdown_timeout: Duration,
 
-    /// On SIGTERM, keep serving this long with /readyz answering 503 before closing
-    /// connections, so load balancers stop sending new ones first [default: 0]
+    /// On SIGTERM, keep serving this long before closing connections: /readyz and GET /
+    /// answer 503 and new upgrades get 503 with Retry-After, so load balancers and clients
+    /// go elsewhere first; live connections carry on [default: 0]
     #[arg(long, env = "WEBSOCKET_TEST_DRAIN_DELAY", default_value = "0", value_parser = parse_duration)]
     pub drain_delay: Duration,
+
+    /// Then send the Close 1001 frames spread over this long rather than all at once, so a
+    /// rollout does not reconnect every client in the same second [default: 0]
+    #[arg(long, env = "WEBSOCKET_TEST_DRAIN_PERIOD", default_value = "0", value_parser = parse_duration)]
+    pub drain_period: Duration,
+
+    /// This server's name, sent as an `X-Served-By` header with every answer (and with
+    /// --hello as the first message), so clients can tell which backend they reached
+    /// [default: $POD_NAME, else the host name]
+    #[arg(long, env = "WEBSOCKET_TEST_SERVER_NAME")]
+    pub server_name: Option<String>,
+
+    /// Send "hello from NAME" as the first (text) message of every connection
+    #[arg(long, env = "WEBSOCKET_TEST_HELLO")]
+    pub hello: bool,
 
     /// Time a client has to send its complete upgrade request
     #[arg(long, env = "WEBSOCKET_TEST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
@@ -182,6 +198,22 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// The name this server answers with: --server-name, else `$POD_NAME`, else the host
+    /// name; `None` when there is none (or it could not go in a header).
+    pub fn identity(&self) -> Option<String> {
+        self.server_name
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|name| name.trim().to_owned())
+            })
+            .filter(|name| {
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+            })
+    }
+
     /// How accepted sockets notice a client that vanished.
     pub(crate) fn liveness(&self) -> crate::net::Liveness {
         crate::net::Liveness {

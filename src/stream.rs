@@ -365,35 +365,47 @@ impl Write for WsStream {
 }
 
 /// Closes connections from outside their threads (at shutdown): sends each stream in
-/// `live()` the Close frame `frame()` builds, retrying streams whose owner is mid-write,
-/// and waits until `finished` disconnects (every owner thread has ended) or `timeout`
-/// passes. Then it shuts the remaining sockets down and waits up to `grace` for their
-/// threads. Returns how many connections had to be shut down that way.
+/// `live()` the Close frame `frame()` builds, spread evenly over `spread` (all at once when
+/// zero), retrying streams whose owner is mid-write, and waits until `finished` disconnects
+/// (every owner thread has ended) or `timeout` has passed after the spread. Then it shuts
+/// the remaining sockets down and waits up to `grace` for their threads. Returns how many
+/// connections had to be shut down that way.
 pub fn close_all(
     live: impl Fn() -> Vec<Arc<SharedStream>>,
     frame: impl Fn() -> Vec<u8>,
     finished: &Receiver<()>,
+    spread: Duration,
     timeout: Duration,
     grace: Duration,
 ) -> usize {
     const RETRY: Duration = Duration::from_millis(10);
     const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_millis(50);
-    let deadline = Instant::now() + timeout;
-    let mut busy = live();
+    let start = Instant::now();
+    let deadline = start + spread + timeout;
+    let streams = live();
+    let count = streams.len().max(1) as f64;
+    // Each stream's turn; one whose owner is writing is tried again after RETRY.
+    let mut pending: Vec<(Instant, Arc<SharedStream>)> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, stream)| (start + spread.mul_f64(i as f64 / count), stream))
+        .collect();
     loop {
-        // Past the deadline the rest stay busy: each try may wait CLOSE_WRITE_TIMEOUT.
-        busy.retain(|stream| {
-            Instant::now() >= deadline
-                || stream
-                    .try_send_close(&frame(), CLOSE_WRITE_TIMEOUT)
-                    .is_none()
+        let now = Instant::now();
+        // Past the deadline the rest stay unsent: each try may wait CLOSE_WRITE_TIMEOUT.
+        pending.retain(|(due, stream)| {
+            now < *due
+                || (now < deadline
+                    && stream
+                        .try_send_close(&frame(), CLOSE_WRITE_TIMEOUT)
+                        .is_none())
         });
-        let wake = if busy.is_empty() {
-            deadline
-        } else {
-            deadline.min(Instant::now() + RETRY)
-        };
-        match finished.recv_deadline(wake) {
+        let next = pending
+            .iter()
+            .map(|(due, _)| (*due).max(now + RETRY))
+            .min()
+            .unwrap_or(deadline);
+        match finished.recv_deadline(next.min(deadline)) {
             Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
             Err(RecvTimeoutError::Timeout) => break,
             _ => return 0,

@@ -57,10 +57,12 @@ pub(super) fn run(
                 backend,
             }) => {
                 stats.connection_opened();
-                let mut url = dialer.describe(protocol.as_deref());
-                if let Some(backend) = &backend {
-                    url = format!("{url} (backend {backend})");
-                }
+                let url = dialer.describe(protocol.as_deref());
+                // The log lines name the backend too; /debug/connections has the URL alone.
+                let shown = match &backend {
+                    Some(backend) => format!("{url} (backend {backend})"),
+                    None => url.clone(),
+                };
                 let _on_backend = stats.on_backend(backend.as_deref().unwrap_or("unknown"));
                 match outage.take() {
                     Some((since, attempts)) => {
@@ -70,11 +72,11 @@ pub(super) fn run(
                             n => format!(", {} failed", crate::count(n as usize, "attempt")),
                         };
                         info!(
-                            "[Connection {index}] Connected to {url} after {} down{failed}",
+                            "[Connection {index}] Connected to {shown} after {} down{failed}",
                             Seconds(since.elapsed()),
                         );
                     }
-                    None => info!("[Connection {index}] Connected to {url}"),
+                    None => info!("[Connection {index}] Connected to {shown}"),
                 }
                 if dialer.insecure {
                     warn!("[Connection {index}] The server's certificate was not verified (--insecure)");
@@ -91,7 +93,7 @@ pub(super) fn run(
                     }),
                 );
                 let outcome =
-                    Session::new(index, &url, config, shutdown, &stream, stats, &activity)
+                    Session::new(index, &shown, config, shutdown, &stream, stats, &activity)
                         .hold(&mut socket);
                 set_slot(slot, None);
                 stats.connection_ended(

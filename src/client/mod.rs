@@ -211,7 +211,14 @@ impl Client {
                 .collect()
         };
         let frame = || close_frame(Role::Client, CloseCode::Normal, "client shutting down");
-        let aborted = close_all(live, frame, &all_finished, CLOSE_TIMEOUT, ABORT_GRACE);
+        let aborted = close_all(
+            live,
+            frame,
+            &all_finished,
+            Duration::ZERO,
+            CLOSE_TIMEOUT,
+            ABORT_GRACE,
+        );
         if aborted > 0 {
             warn!(
                 "{} got no Close reply within {CLOSE_TIMEOUT:?}; dropped them",

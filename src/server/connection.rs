@@ -10,7 +10,7 @@ use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
 use super::access::{Access, Admission, ClientAddr, Refusal};
-use super::handshake::{self, Handshake};
+use super::handshake::{self, Answer, Handshake};
 use super::proxy_protocol;
 use super::registry::Registry;
 use crate::activity::Activity;
@@ -47,6 +47,12 @@ pub struct Context {
     pub keepalive: Keepalive,
     /// TCP keepalive and user timeout for every accepted socket.
     pub liveness: net::Liveness,
+    /// Header lines for every answer (`X-Served-By: NAME`).
+    pub answer_headers: String,
+    /// The first message of every connection (`--hello`).
+    pub hello: Option<String>,
+    /// Set while the server drains: new upgrades and `GET /` get 503.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Serve `wss://`: every accepted socket starts with a TLS handshake.
     pub tls: Option<crate::tls::ServerTls>,
     /// Token, origins, subprotocols, per-address limits, the client's real address.
@@ -170,9 +176,13 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
             None => Ok(()),
         }
     };
-    let opened = stream
-        .tls_handshake(deadline)
-        .and_then(|()| handshake::accept(&stream, &context.ws_path, &rules, deadline, admit));
+    let opened = stream.tls_handshake(deadline).and_then(|()| {
+        let answer = Answer {
+            headers: &context.answer_headers,
+            draining: context.draining.load(std::sync::atomic::Ordering::SeqCst),
+        };
+        handshake::accept(&stream, &context.ws_path, &rules, &answer, deadline, admit)
+    });
     let leftover = match opened {
         Ok(Handshake::Upgraded {
             leftover,
@@ -234,6 +244,13 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
     // Declared after `slot`, so dropped before it: the address's place is given back
     // after the connection has left the registry.
     let mut registration = context.registry.register(id, client, stream.clone());
+    if let Some(hello) = &context.hello {
+        if let Err(error) = socket.send(Message::text(hello.as_str())) {
+            registration.set_ending(Ending::from_ws_error(&error));
+            return;
+        }
+        registration.activity().sent(hello.len());
+    }
     let ending = echo(&mut socket, &stream, registration.activity(), context);
     if matches!(
         ending.reason,

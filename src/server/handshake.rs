@@ -68,6 +68,12 @@ impl Reply {
             .with_headers("Retry-After: 5\r\n")
     }
 
+    /// 503 with `Retry-After` while the server drains before shutting down.
+    pub fn draining() -> Self {
+        Reply::new(503, "server shutting down, connect to another one")
+            .with_headers("Retry-After: 5\r\n")
+    }
+
     /// 429 with `Retry-After: SECONDS`: this client has too many connections or opens them
     /// too fast.
     pub fn too_many_requests(message: &'static str, retry_after: u64) -> Self {
@@ -83,9 +89,14 @@ impl Reply {
 
     /// The response as bytes on the wire.
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_bytes_with("")
+    }
+
+    /// The response with `more` header lines (each ending in CRLF).
+    pub fn to_bytes_with(&self, more: &str) -> Vec<u8> {
         let body = format!("{}\n", self.message);
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n{}\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n{}{more}\r\n",
             self.status,
             reason_phrase(self.status),
             body.len(),
@@ -96,6 +107,17 @@ impl Reply {
         }
         out.into_bytes()
     }
+}
+
+/// How the server answers whatever the rules decided: the headers it adds to every
+/// response, and whether it is draining.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Answer<'a> {
+    /// Header lines (each ending in CRLF) for every response: `X-Served-By`.
+    pub headers: &'a str,
+    /// The server is draining (a SIGTERM with --drain-delay): `GET /` and new upgrades get
+    /// 503 with `Retry-After`.
+    pub draining: bool,
 }
 
 /// What an upgrade must satisfy beyond RFC 6455, and what the server offers: all empty or
@@ -385,6 +407,7 @@ pub fn accept(
     stream: &SharedStream,
     ws_path: &str,
     rules: &Rules<'_>,
+    answer: &Answer<'_>,
     deadline: Instant,
     admit: impl FnOnce(SocketAddr) -> Result<(), Reply>,
 ) -> io::Result<Handshake> {
@@ -437,6 +460,20 @@ pub fn accept(
                 decision = Decision::Reply(reply);
             }
         }
+        if answer.draining {
+            // Load balancers and clients both learn to go elsewhere: the health check and
+            // new upgrades are refused; live connections are not touched.
+            match &decision {
+                Decision::Upgrade { .. } => decision = Decision::Reply(Reply::draining()),
+                Decision::Reply(reply) if reply.status == 200 => {
+                    decision = Decision::Reply(Reply {
+                        head_only: reply.head_only,
+                        ..Reply::draining()
+                    });
+                }
+                _ => {}
+            }
+        }
         match decision {
             Decision::NeedMore => {}
             Decision::Upgrade {
@@ -450,7 +487,8 @@ pub fn accept(
                     .map(|protocol| format!("Sec-WebSocket-Protocol: {protocol}\r\n"))
                     .unwrap_or_default();
                 let response = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n{protocol_line}\r\n"
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n{protocol_line}{}\r\n",
+                    answer.headers
                 );
                 stream.write_all(response.as_bytes())?;
                 buf.drain(..head_len);
@@ -461,7 +499,7 @@ pub fn accept(
                 });
             }
             Decision::Reply(reply) => {
-                stream.write_all(&reply.to_bytes())?;
+                stream.write_all(&reply.to_bytes_with(answer.headers))?;
                 return Ok(Handshake::Answered {
                     status: reply.status,
                     message: reply.message,

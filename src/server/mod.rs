@@ -192,6 +192,10 @@ impl Server {
         // `shutdown` after the drain delay; dropping `helpers` (on any return) stops them.
         let mut helpers = Helpers::new();
         let closing = helpers.shutdown().clone();
+        let identity = config.identity();
+        if let Some(name) = &identity {
+            info!("Server name: {name} (sent as X-Served-By)");
+        }
         let context = Arc::new(Context {
             ws_path: config.path.clone(),
             handshake_timeout: config.handshake_timeout,
@@ -212,6 +216,17 @@ impl Server {
             tls,
             access,
             liveness: config.liveness(),
+            answer_headers: identity
+                .as_ref()
+                .map(|name| format!("X-Served-By: {name}\r\n"))
+                .unwrap_or_default(),
+            hello: config.hello.then(|| {
+                format!(
+                    "hello from {}",
+                    identity.as_deref().unwrap_or("websocket-test")
+                )
+            }),
+            draining: Arc::default(),
         });
         // Every connection thread holds a clone of `alive`; the channel disconnects when
         // the last one has finished.
@@ -245,30 +260,42 @@ impl Server {
         shutdown.wait();
         metrics_server.set_not_ready();
         if !config.drain_delay.is_zero() {
+            context.draining.store(true, Ordering::SeqCst);
             info!(
-                "Draining: /readyz answers 503; closing connections in {:?}",
+                "Draining: /readyz and GET / answer 503, new upgrades get 503; closing connections in {:?}",
                 config.drain_delay
             );
             let _ = crossbeam_channel::after(config.drain_delay).recv();
         }
         // No connection is admitted once the acceptor has been joined.
         helpers.stop();
-        close_connections(&registry, &context, &all_finished, config.shutdown_timeout);
+        close_connections(
+            &registry,
+            &context,
+            &all_finished,
+            config.drain_period,
+            config.shutdown_timeout,
+        );
         metrics_server.stop();
         info!("Server stopped");
         Ok(())
     }
 }
 
-/// Closes every live connection with 1001 (the acceptor has stopped) and cuts off sockets
-/// still in their handshake; waits up to `timeout` for the connection threads (their last
-/// clone of `alive` disconnects `all_finished`), then aborts what is left.
+/// Closes every live connection with 1001 (the acceptor has stopped), spread over
+/// `spread`, and cuts off sockets still in their handshake; waits up to `timeout` after the
+/// last Close for the connection threads (their last clone of `alive` disconnects
+/// `all_finished`), then aborts what is left.
 fn close_connections(
     registry: &Registry,
     context: &Context,
     all_finished: &crossbeam_channel::Receiver<()>,
+    spread: Duration,
     timeout: Duration,
 ) {
+    if !spread.is_zero() {
+        info!("Sending the Close frames over {spread:?}");
+    }
     let entries = registry.entries();
     info!(
         "Shutting down: closing {}",
@@ -300,6 +327,7 @@ fn close_connections(
         live,
         || context.going_away.to_vec(),
         all_finished,
+        spread,
         timeout,
         ABORT_GRACE,
     );

@@ -225,9 +225,9 @@ fn log_message<'a>(line: &'a str, level: &str, thread: &str) -> &'a str {
 
 #[test]
 fn log_lines_name_the_connection_and_the_url() {
-    let mut server = TestServer::start(&[]);
+    let mut server = TestServer::start(&["--server-name", "pod-7"]);
     let client = start_client(Some(server.addr), &[], &[]);
-    let url = server.url();
+    let url = format!("{} (backend pod-7)", server.url());
     let line = client.wait_for("Connected to", patience());
     assert_eq!(
         log_message(&line, "INFO", "client-1"),

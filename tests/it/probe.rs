@@ -436,3 +436,57 @@ fn the_servers_debug_page_names_each_connections_thread() {
         );
     }
 }
+
+#[test]
+fn the_client_counts_connections_by_the_backend_that_answered() {
+    let server = TestServer::start(&["--server-name", "pod-a", "--hello"]);
+    let client = TestClient::start(server.addr, &["--connections", "2"]);
+    client.wait("two connections on pod-a", Duration::from_secs(5), |s| {
+        s.backends().get("pod-a") == Some(&2)
+    });
+    // A plain client sees the name in the first message too.
+    let mut ws = support::connect(&server.url());
+    assert_eq!(ws.read().unwrap(), Message::text("hello from pod-a"));
+}
+
+#[test]
+fn a_drain_period_spreads_the_close_frames() {
+    const CONNECTIONS: usize = 20;
+    const PERIOD: Duration = Duration::from_secs(1);
+    let mut server = TestServer::start(&["--drain-period", "1s", "--shutdown-timeout", "30s"]);
+    let clients: Vec<_> = (0..CONNECTIONS).map(|_| server.connect()).collect();
+    server.wait_settled(CONNECTIONS);
+    let start = Instant::now();
+    server.shut_down();
+    // Each client reads its Close on a thread of its own, as independent clients would.
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            thread::spawn(move || {
+                let frame = support::read_close(&mut ws);
+                (frame.code, Instant::now())
+            })
+        })
+        .collect();
+    let times: Vec<Instant> = readers
+        .into_iter()
+        .map(|reader| {
+            let (code, at) = reader.join().unwrap();
+            assert_eq!(u16::from(code), 1001);
+            at
+        })
+        .collect();
+    let first = times.iter().min().unwrap().duration_since(start);
+    let last = times.iter().max().unwrap().duration_since(start);
+    // One Close every 50 ms: the last went out no earlier than 19/20 of the period.
+    assert!(
+        last >= PERIOD.mul_f64(0.9) - TIMER_SLACK,
+        "the last Close came {last:?} after the shutdown, the period is {PERIOD:?}"
+    );
+    assert!(
+        last - first >= PERIOD / 2,
+        "closes spread over {:?}",
+        last - first
+    );
+    server.wait_stopped(Duration::from_secs(10));
+}

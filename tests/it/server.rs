@@ -426,7 +426,7 @@ fn shutdown_does_not_wait_for_a_socket_that_never_sent_a_request() {
 }
 
 #[test]
-fn drain_delay_keeps_serving_with_readyz_503_before_closing() {
+fn drain_delay_keeps_serving_live_connections_and_turns_new_ones_away_before_closing() {
     // Long enough for the checks below even on a slow machine; it is a lower bound only.
     let drain = scaled(Duration::from_secs(2));
     let drain_flag = format!("{}ms", drain.as_millis());
@@ -440,17 +440,21 @@ fn drain_delay_keeps_serving_with_readyz_503_before_closing() {
     support::wait_until("/readyz answers 503", || {
         support::http_get(server.metrics, "/readyz").0 == 503
     });
-    // While draining, the old connection still echoes and a new one is still accepted.
+    // While draining, the old connection still echoes; a new upgrade and the health check
+    // are told to go elsewhere.
     assert_echo(&mut ws, 100);
-    let mut late = server.connect();
-    assert_echo(&mut late, 10);
+    let (status, response) = support::http_get(server.addr, "/");
+    assert_eq!(status, 503, "{response}");
+    let refused = support::raw_exchange(server.addr, support::upgrade_request().as_bytes());
+    assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
+    assert!(refused.contains("\r\nRetry-After: "), "{refused}");
     assert!(
         start.elapsed() < drain,
         "the checks took {:?}, longer than the drain delay {drain:?}: they proved nothing \
          (raise WEBSOCKET_TEST_TIME_SCALE)",
         start.elapsed()
     );
-    for mut ws in [ws, late] {
+    {
         let frame = read_close(&mut ws);
         assert_eq!(frame.code, CloseCode::Away, "{frame:?}");
         let closed = start.elapsed();
