@@ -10,6 +10,7 @@ mod client_process;
 mod harness;
 mod hostile;
 mod metrics_http;
+mod nginx;
 mod pki;
 mod process;
 mod server;
