@@ -10,6 +10,7 @@ variable the manifests set is one the binary reads. --metrics-sample: a scrape o
 /metrics, to check that every metric the alerts and the dashboard use exists.
 """
 import argparse
+import copy
 import json
 import os
 import re
@@ -22,6 +23,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 MONITORING = MANIFESTS / "monitoring"
+WSS = MANIFESTS / "wss"
+CERT_MANAGER = WSS / "cert-manager"
+NETWORK_POLICIES = MANIFESTS / "network-policies"
 DASHBOARD_JSON = MONITORING / "dashboards" / "websocket-test.json"
 DASHBOARD_CONFIGMAP = MONITORING / "grafana-dashboard.yaml"
 SERVICE = "websocket-test-server"
@@ -182,6 +186,288 @@ PROMETHEUSRULE_SCHEMA = {
                                "rules": {"type": "array", "minItems": 1, "items": RULE}}}}}}}}
 CRD_SCHEMAS = {"PodMonitor": PODMONITOR_SCHEMA, "PrometheusRule": PROMETHEUSRULE_SCHEMA}
 
+# cert-manager's Issuer and Certificate (cert-manager.io/v1), the fields the example may use.
+ISSUER_REF = {"type": "object", "required": ["name"], "additionalProperties": False,
+              "properties": {"name": {"type": "string"}, "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+                             "group": {"const": "cert-manager.io"}}}
+CERTIFICATE_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"}, "kind": {"const": "Certificate"}, "metadata": METADATA,
+        "spec": {"type": "object", "required": ["secretName", "issuerRef"], "additionalProperties": False,
+                 "anyOf": [{"required": ["dnsNames"]}, {"required": ["commonName"]}, {"required": ["ipAddresses"]}],
+                 "properties": {
+                     "secretName": {"type": "string"}, "issuerRef": ISSUER_REF, "isCA": {"type": "boolean"},
+                     "commonName": {"type": "string", "maxLength": 64},
+                     "dnsNames": {"type": "array", "items": {"type": "string"}},
+                     "ipAddresses": {"type": "array", "items": {"type": "string"}},
+                     "duration": {"type": "string", "pattern": r"^([0-9]+(h|m|s))+$"},
+                     "renewBefore": {"type": "string", "pattern": r"^([0-9]+(h|m|s))+$"},
+                     "usages": {"type": "array", "items": {"enum": [
+                         "signing", "digital signature", "content commitment", "key encipherment",
+                         "key agreement", "data encipherment", "cert sign", "crl sign", "encipher only",
+                         "decipher only", "any", "server auth", "client auth", "code signing",
+                         "email protection", "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user",
+                         "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"]}},
+                     "privateKey": {"type": "object", "additionalProperties": False, "properties": {
+                         "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]}, "size": {"type": "integer"},
+                         "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                         "rotationPolicy": {"enum": ["Never", "Always"]}}}}}}}
+ISSUER_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"}, "kind": {"const": "Issuer"}, "metadata": METADATA,
+        "spec": {"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+                 "properties": {"selfSigned": {"type": "object", "additionalProperties": False},
+                                "ca": {"type": "object", "required": ["secretName"], "additionalProperties": False,
+                                       "properties": {"secretName": {"type": "string"}}}}}}}
+CERT_MANAGER_SCHEMAS = {"Certificate": CERTIFICATE_SCHEMA, "Issuer": ISSUER_SCHEMA}
+
+# The wss variant (manifests/wss/) is manifests/ plus exactly these (check_wss strips them and
+# compares): the TLS variables, the volumes that hold their files, the fsGroup that makes the
+# key readable, and the Service port's appProtocol.
+TLS_SECRET = "websocket-test-server-tls"
+TRUST_CONFIGMAP = "websocket-test-trust"
+TLS_ENV = {"server": {"WEBSOCKET_TEST_TLS_CERT", "WEBSOCKET_TEST_TLS_KEY", "WEBSOCKET_TEST_TLS_CLIENT_CA"},
+           "client": {"WEBSOCKET_TEST_TLS", "WEBSOCKET_TEST_CA_FILE", "WEBSOCKET_TEST_NO_BUILTIN_ROOTS",
+                      "WEBSOCKET_TEST_CLIENT_CERT", "WEBSOCKET_TEST_CLIENT_KEY", "WEBSOCKET_TEST_TLS_SERVER_NAME"}}
+# Where Prometheus runs, for the metrics port's NetworkPolicy rule.
+MONITORING_NAMESPACE = "monitoring"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+DNS_PEER = {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+
+
+def body(doc):
+    return {k: v for k, v in doc.items() if k != "__file"}
+
+
+def first_difference(a, b, path="."):
+    """Where two parsed YAML trees first differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{path}{key} only in {'the variant' if key in a else 'manifests/'}"
+            found = first_difference(a[key], b[key], f"{path}{key}.")
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path[:-1]}: {len(a)} items, not {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = first_difference(x, y, f"{path}{i}.")
+            if found:
+                return found
+        return None
+    return None if a == b else f"{path[:-1]}: {a!r}, not {b!r}"
+
+
+def strip_tls(doc, role):
+    """`doc` of the wss variant without what TLS adds (see TLS_ENV)."""
+    doc = copy.deepcopy(body(doc))
+    if doc["kind"] == "Deployment":
+        pod = doc["spec"]["template"]["spec"]
+        pod.pop("volumes", None)
+        pod.get("securityContext", {}).pop("fsGroup", None)
+        for container in pod["containers"]:
+            container.pop("volumeMounts", None)
+            container["env"] = [e for e in container.get("env", []) if e["name"] not in TLS_ENV[role]]
+    if doc["kind"] == "Service":
+        for port in doc["spec"]["ports"]:
+            if port.get("appProtocol") == "kubernetes.io/wss":
+                port["appProtocol"] = "kubernetes.io/ws"
+    return doc
+
+
+def mounted_file(pod, container, path, what):
+    """The volume mount, volume and key inside it that hold file `path` of `container`."""
+    mounts = [m for m in container.get("volumeMounts", []) if str(path).startswith(m["mountPath"].rstrip("/") + "/")]
+    if not check(len(mounts) == 1, f"{what}: {path} is not in (exactly) one volume mount"):
+        return None, None, None
+    mount = mounts[0]
+    check(mount.get("readOnly") is True, f"{what}: the volume at {mount['mountPath']} must be mounted readOnly")
+    check("subPath" not in mount and "subPathExpr" not in mount,
+          f"{what}: {mount['mountPath']}: no subPath: a subPath mount never sees a renewed Secret or ConfigMap")
+    volume = next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), None)
+    if not check(volume is not None, f"{what}: no volume {mount['name']}"):
+        return mount, None, None
+    relative = str(path)[len(mount["mountPath"].rstrip("/")) + 1:]
+    source = volume.get("secret") or volume.get("configMap") or {}
+    items = {item["path"]: item["key"] for item in source.get("items", [])}
+    key = items.get(relative, relative if not items else None)
+    return mount, volume, key
+
+
+def readable_by_pod(mode, pod):
+    """Whether files of a Secret/ConfigMap volume with `mode` (owner root) are readable by the pod's user."""
+    psc = pod.get("securityContext", {})
+    return bool(mode & 0o004) or bool(mode & 0o040 and psc.get("fsGroup") == psc.get("runAsGroup"))
+
+
+def check_wss(plain, wss_docs, certificates, env_known):
+    """manifests/wss/: manifests/ plus TLS, and the TLS wiring: Secret and ConfigMap volumes
+    mounted read-only, the files the variables name present in them, the key not world-readable,
+    the certificate naming what the client connects to."""
+    plain_by_name = {(d["kind"], d["metadata"]["name"]): d for d in plain}
+    wss_by_name = {(d["kind"], d["metadata"]["name"]): d for d in wss_docs}
+    check(set(wss_by_name) == set(plain_by_name),
+          f"wss/: objects {sorted(wss_by_name)} != manifests/'s {sorted(plain_by_name)}")
+    for name, doc in wss_by_name.items():
+        if name in plain_by_name:
+            role = "client" if doc["metadata"]["name"].endswith("-client") else "server"
+            diff = first_difference(strip_tls(doc, role), body(plain_by_name[name]))
+            check(diff is None, f"{where(doc)}: differs from manifests/ beyond TLS: {diff}")
+    server = wss_by_name.get(("Deployment", "websocket-test-server"))
+    client = wss_by_name.get(("Deployment", "websocket-test-client"))
+    service = wss_by_name.get(("Service", SERVICE))
+    if not (server and client and service):
+        return
+    for deployment, role in ((server, "server"), (client, "client")):
+        for env in deployment["spec"]["template"]["spec"]["containers"][0].get("env", []):
+            if role in env_known and env["name"] in TLS_ENV[role]:
+                check(env["name"] in env_known[role], f"{where(deployment)}: {role} does not read {env['name']} (not in its --help)")
+
+    pod = server["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    values = settings(container)
+    what = f"{where(server)} container {container['name']}"
+    for variable, key in (("WEBSOCKET_TEST_TLS_CERT", "tls.crt"), ("WEBSOCKET_TEST_TLS_KEY", "tls.key")):
+        path = values.get(variable)
+        if not check(path and path.startswith("/"), f"{what}: {variable} must be an absolute path"):
+            continue
+        mount, volume, found = mounted_file(pod, container, path, what)
+        if volume is None:
+            continue
+        secret = volume.get("secret")
+        if not check(secret is not None and secret.get("secretName") == TLS_SECRET,
+                     f"{what}: {variable} must come from a secret volume of {TLS_SECRET}"):
+            continue
+        check(found == key, f"{what}: {variable}={path} is key {found!r} of {TLS_SECRET}; a kubernetes.io/tls Secret has it as {key}")
+        mode = secret.get("defaultMode", 0o644)
+        check(readable_by_pod(mode, pod), f"{what}: {TLS_SECRET} files (mode {mode:o}, owner root) are not readable by user "
+                                          f"{pod.get('securityContext', {}).get('runAsUser')}: set fsGroup = runAsGroup, or mode 0444")
+        if key == "tls.key":
+            check(not mode & 0o007, f"{what}: the private key must not be world-readable (defaultMode {mode:o})")
+    ws_port = next((p for p in service["spec"]["ports"] if p.get("name") == "websocket"), {})
+    check(ws_port.get("appProtocol") == "kubernetes.io/wss", f"{where(service)}: the websocket port's appProtocol must be kubernetes.io/wss")
+
+    cpod = client["spec"]["template"]["spec"]
+    ccontainer = cpod["containers"][0]
+    cvalues = settings(ccontainer)
+    what = f"{where(client)} container {ccontainer['name']}"
+    check(cvalues.get("WEBSOCKET_TEST_TLS") == "true", f"{what}: WEBSOCKET_TEST_TLS must be \"true\"")
+    ca_file = cvalues.get("WEBSOCKET_TEST_CA_FILE")
+    if check(ca_file, f"{what}: WEBSOCKET_TEST_CA_FILE must name the CA certificate"):
+        mount, volume, found = mounted_file(cpod, ccontainer, ca_file, what)
+        if volume is not None:
+            check(volume.get("configMap", {}).get("name") == TRUST_CONFIGMAP and found == "ca.crt",
+                  f"{what}: WEBSOCKET_TEST_CA_FILE must be key ca.crt of the ConfigMap {TRUST_CONFIGMAP}")
+            mode = volume.get("configMap", {}).get("defaultMode", 0o644)
+            check(readable_by_pod(mode, cpod), f"{what}: {TRUST_CONFIGMAP} files (mode {mode:o}) are not readable by the client")
+    check(not any(v.get("secret", {}).get("secretName") == TLS_SECRET for v in cpod.get("volumes", [])),
+          f"{what}: the client must not mount the server's Secret (its private key)")
+
+    # --- cert-manager (optional example) -----------------------------------------------------
+    for doc in certificates:
+        schema = CERT_MANAGER_SCHEMAS.get(doc["kind"])
+        if check(schema is not None, f"{where(doc)}: only Issuer and Certificate expected"):
+            errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(body(doc)), key=str)
+            check(not errors, f"{where(doc)}: " + "; ".join(
+                f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors))
+    issuers = {d["metadata"]["name"]: d for d in certificates if d["kind"] == "Issuer"}
+    certs = [d for d in certificates if d["kind"] == "Certificate"]
+    for cert in certs:
+        ref = cert["spec"]["issuerRef"]
+        check(ref.get("kind", "Issuer") != "Issuer" or ref["name"] in issuers,
+              f"{where(cert)}: issuerRef names Issuer {ref['name']}, which the file does not define")
+    for issuer in issuers.values():
+        ca = issuer["spec"].get("ca")
+        if ca:
+            check(any(c["spec"]["secretName"] == ca["secretName"] and c["spec"].get("isCA") for c in certs),
+                  f"{where(issuer)}: its CA Secret {ca['secretName']} comes from no isCA Certificate")
+    if certificates:
+        serving = [c for c in certs if c["spec"]["secretName"] == TLS_SECRET]
+        if check(len(serving) == 1, f"{CERT_MANAGER.relative_to(ROOT)}: one Certificate must write the Secret {TLS_SECRET}"):
+            spec = serving[0]["spec"]
+            check(cvalues.get("WEBSOCKET_TEST_HOST") in spec.get("dnsNames", []),
+                  f"{where(serving[0])}: dnsNames must hold {cvalues.get('WEBSOCKET_TEST_HOST')}, the name the client checks")
+            check("server auth" in spec.get("usages", ["server auth"]), f"{where(serving[0])}: usages must include server auth")
+            check(not spec.get("isCA"), f"{where(serving[0])}: the server's certificate must not be a CA")
+
+
+def resolve_port(container, port):
+    """A NetworkPolicy port (name or number) as the container port it means, or None."""
+    return container_port(container, port)
+
+
+def check_network_policies(policies, deployments, service, label):
+    """manifests/network-policies/ against the Deployments of `label` (manifests/ or wss/): the
+    selectors pick the server or the client pods, the ports are the server's, and nothing but
+    the design's traffic is allowed (see the file's header)."""
+    pod_labels = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
+    server = deployments["websocket-test-server"]["spec"]["template"]["spec"]["containers"][0]
+    by_role = {}
+    for policy in policies:
+        what = f"{where(policy)} ({label})"
+        spec = policy["spec"]
+        selector = spec.get("podSelector", {})
+        check(set(selector) == {"matchLabels"}, f"{what}: podSelector: use matchLabels only")
+        picked = [n for n in pod_labels if selects(selector.get("matchLabels"), pod_labels[n])]
+        if check(len(picked) == 1, f"{what}: podSelector must pick exactly one Deployment's pods, picks {picked}"):
+            role = picked[0].rsplit("-", 1)[1]
+            check(role not in by_role, f"{what}: a second policy for the {role} pods")
+            by_role[role] = policy
+            check(policy["metadata"].get("labels", {}).get("app.kubernetes.io/component") == role,
+                  f"{what}: app.kubernetes.io/component must be {role}")
+        for direction in ("ingress", "egress"):
+            for rule in spec.get(direction, []):
+                for port in rule.get("ports", []):
+                    check(port.get("protocol", "TCP") in ("TCP", "UDP"), f"{what}: {direction} port {port}: TCP or UDP")
+    if not check(set(by_role) == {"server", "client"}, f"network-policies/: one policy for the server pods and one for the client pods ({label})"):
+        return
+    ws_port, metrics_port = resolve_port(server, "websocket"), resolve_port(server, "metrics")
+
+    what = f"{where(by_role['server'])} ({label})"
+    spec = by_role["server"]["spec"]
+    check(spec.get("policyTypes") == ["Ingress"], f"{what}: policyTypes must be [Ingress] (the server's egress stays open)")
+    allowed = {}
+    for rule in spec.get("ingress", []):
+        for port in rule.get("ports", []) or [{"port": None}]:
+            number = resolve_port(server, port["port"]) if port["port"] is not None else "every port"
+            check(number is not None, f"{what}: port {port['port']} is none of the server container's ports")
+            check(port.get("protocol", "TCP") == "TCP", f"{what}: the server listens on TCP only")
+            allowed.setdefault(number, []).append(rule.get("from"))
+    check(set(allowed) == {ws_port, metrics_port},
+          f"{what}: ingress must name exactly the websocket ({ws_port}) and metrics ({metrics_port}) ports, names {sorted(map(str, allowed))}")
+    check(allowed.get(ws_port) == [None], f"{what}: the websocket port must be open to every client (one rule, no from)")
+    check(allowed.get(metrics_port) == [[{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: MONITORING_NAMESPACE}}}]],
+          f"{what}: the metrics port must be open to the namespace {MONITORING_NAMESPACE} only "
+          f"(one rule: from namespaceSelector {NAMESPACE_NAME_LABEL}: {MONITORING_NAMESPACE})")
+
+    what = f"{where(by_role['client'])} ({label})"
+    spec = by_role["client"]["spec"]
+    check(sorted(spec.get("policyTypes", [])) == ["Egress", "Ingress"], f"{what}: policyTypes must be Ingress and Egress")
+    check(not spec.get("ingress"), f"{what}: no ingress rules: nothing connects to the client")
+    egress = spec.get("egress", [])
+    to_server = [r for r in egress if r.get("to") and all(set(peer) == {"podSelector"} for peer in r["to"])]
+    to_dns = [r for r in egress if r.get("to") == [DNS_PEER]]
+    check(len(egress) == 2 and len(to_server) == 1 and len(to_dns) == 1,
+          f"{what}: egress must be two rules: to the server pods, and to kube-dns in kube-system")
+    if to_server:
+        peers = to_server[0]["to"]
+        check(all(selects(p["podSelector"].get("matchLabels"), pod_labels["websocket-test-server"])
+                  and not selects(p["podSelector"].get("matchLabels"), pod_labels["websocket-test-client"]) for p in peers),
+              f"{what}: the egress rule's podSelector must pick the server pods only")
+        # Policies see the pod's port after the Service's translation: the targetPort.
+        target = next((p.get("targetPort", p["port"]) for p in service["spec"]["ports"] if p.get("name") == "websocket"), None)
+        ports = [resolve_port(server, p["port"]) for p in to_server[0].get("ports", [])]
+        check(ports == [ws_port] and resolve_port(server, target) == ws_port,
+              f"{what}: egress to the server must allow its websocket port {ws_port} (the Service's targetPort) and no other")
+    if to_dns:
+        ports = sorted((p["port"], p.get("protocol", "TCP")) for p in to_dns[0].get("ports", []))
+        check(ports == [(53, "TCP"), (53, "UDP")], f"{what}: DNS egress must be port 53 over UDP and TCP, is {ports}")
+
 
 def dashboard_configmap_text():
     dashboard = DASHBOARD_JSON.read_text()
@@ -228,6 +514,26 @@ def main():
         check(path.suffix == ".yaml", f"{path.relative_to(ROOT)}: kubectl apply -f on the folder would read it; only .yaml manifests belong there")
     top = [doc for path in top_files if path.suffix == ".yaml" for doc in load(path)]
     mon = [doc for path in mon_files if path.suffix == ".yaml" for doc in load(path)]
+    # Applied on their own: manifests/wss/ instead of manifests/, cert-manager/ and
+    # network-policies/ in addition.
+    wss_files = sorted(p for p in WSS.iterdir() if p.is_file())
+    cm_files = sorted(p for p in CERT_MANAGER.iterdir() if p.is_file())
+    np_files = sorted(p for p in NETWORK_POLICIES.iterdir() if p.is_file())
+    for path in wss_files + cm_files + np_files:
+        check(path.suffix == ".yaml", f"{path.relative_to(ROOT)}: kubectl apply -f on the folder would read it; only .yaml manifests belong there")
+    wss_docs = [doc for path in wss_files if path.suffix == ".yaml" for doc in load(path)]
+    cm_docs = [doc for path in cm_files if path.suffix == ".yaml" for doc in load(path)]
+    np_docs = [doc for path in np_files if path.suffix == ".yaml" for doc in load(path)]
+    for doc in wss_docs + cm_docs + np_docs:
+        if not check({"apiVersion", "kind", "metadata"} <= set(doc), f"{doc['__file']}: a document without apiVersion, kind or metadata"):
+            return report()
+    for doc in wss_docs:
+        check(doc["apiVersion"] in CORE_API_VERSIONS, f"{where(doc)}: core kinds only in wss/ (cert-manager's go in wss/cert-manager/)")
+    for doc in cm_docs:
+        check(doc["apiVersion"] == "cert-manager.io/v1", f"{where(doc)}: only cert-manager kinds in wss/cert-manager/")
+    for doc in np_docs:
+        check(doc["apiVersion"] == "networking.k8s.io/v1" and doc["kind"] == "NetworkPolicy",
+              f"{where(doc)}: only NetworkPolicies in network-policies/")
     for doc in top + mon:
         if not check({"apiVersion", "kind", "metadata"} <= set(doc), f"{doc['__file']}: a document without apiVersion, kind or metadata"):
             return report()
@@ -242,6 +548,7 @@ def main():
     by_kind = {}
     for doc in top + mon:
         by_kind.setdefault(doc["kind"], []).append(doc)
+    for doc in top + mon + wss_docs + cm_docs + np_docs:
         labels = doc["metadata"].get("labels", {})
         check(labels.get("app.kubernetes.io/name") == "websocket-test" and labels.get("app.kubernetes.io/part-of") == "websocket-test",
               f"{where(doc)}: needs labels app.kubernetes.io/name and part-of = websocket-test")
@@ -419,6 +726,14 @@ def main():
     check(len(ids) == len(set(ids)), f"{DASHBOARD_JSON.name}: panel ids must be unique")
     check(DASHBOARD_CONFIGMAP.exists() and DASHBOARD_CONFIGMAP.read_text() == dashboard_configmap_text(),
           f"{DASHBOARD_CONFIGMAP.relative_to(ROOT)} is out of date: run scripts/check-manifests --update")
+
+    # --- wss variant, cert-manager example, NetworkPolicies ------------------------------------
+    check_wss(top, wss_docs, cm_docs, env_known)
+    check_network_policies(np_docs, deployments, service, "manifests/")
+    wss_deployments = {d["metadata"]["name"]: d for d in wss_docs if d["kind"] == "Deployment"}
+    wss_service = next((d for d in wss_docs if d["kind"] == "Service" and d["metadata"]["name"] == SERVICE), None)
+    if set(wss_deployments) == set(deployments) and wss_service:
+        check_network_policies(np_docs, wss_deployments, wss_service, "wss/")
     return report()
 
 

@@ -13,6 +13,7 @@ mod harness;
 mod hostile;
 mod metrics_http;
 mod netcut;
+mod nginx;
 mod pki;
 mod probe;
 mod process;

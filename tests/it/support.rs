@@ -728,3 +728,21 @@ pub fn read_head(tcp: &mut TcpStream) -> Head {
         .unwrap_or(0);
     Head { status, text }
 }
+
+/// A loopback port that was free a moment ago, for programs that cannot bind port 0
+/// themselves (nginx): bound to 127.0.0.1:0, read back and released. Another process may
+/// take it before the program binds it, so callers retry with a new one on a clash.
+pub fn free_loopback_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// `program` as found on `PATH` or in the sbin directories a non-root `PATH` may lack
+/// (Debian installs nginx as `/usr/sbin/nginx`).
+pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(std::path::PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
