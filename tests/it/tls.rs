@@ -348,3 +348,48 @@ fn garbage_a_stalled_handshake_and_a_vanishing_client_cost_only_their_connection
     );
     thread::yield_now();
 }
+
+/// Starts the client binary with `flags`, the harness's fast timings and no other target.
+fn client_process(target: std::net::SocketAddr, flags: &[&str]) -> support::Proc {
+    let port = target.port().to_string();
+    let mut args = vec![
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--reconnect-delay",
+        "300ms",
+    ];
+    args.extend_from_slice(flags);
+    support::Proc::start("client", &args)
+}
+
+#[test]
+fn tls_failures_and_insecure_connections_are_said_plainly_in_the_log() {
+    let pki = Pki::new("log");
+    let stranger = Pki::new("log-stranger");
+    let pair = pki.issue("server", &SERVER_NAMES, Use::Server);
+    let server = wss_server(&pki, &pair, &[]);
+    let stranger_ca = path(&stranger.ca);
+
+    let refused = client_process(
+        server.addr,
+        &["--tls", "--ca-file", &stranger_ca, "--no-builtin-roots"],
+    );
+    let line = refused.wait_for("Connection failed", patience());
+    assert!(
+        line.contains("unknown issuer") && line.contains("--ca-file"),
+        "{line}"
+    );
+    // Then the normal reconnect.
+    refused.wait_for_nth("Connection failed", 2, patience());
+
+    let insecure = client_process(server.addr, &["--tls", "--insecure"]);
+    insecure.wait_for(
+        "--insecure: server certificates are not verified",
+        patience(),
+    );
+    insecure.wait_for("Connected to wss://", patience());
+    let warning = insecure.wait_for("certificate was not verified", patience());
+    assert!(warning.contains(" WARN "), "{warning}");
+}
