@@ -197,6 +197,12 @@ impl SharedStream {
         }
     }
 
+    /// Makes the socket's close a reset: for a peer whose receive window stays full, which
+    /// a Close frame or a FIN could not get through.
+    pub fn reset_on_close(&self) {
+        let _ = socket2::SockRef::from(&self.tcp).set_linger(Some(Duration::ZERO));
+    }
+
     /// Shuts the socket down in both directions: blocked reads and writes return at once.
     pub fn abort(&self) {
         let _ = self.tcp.shutdown(Shutdown::Both);
@@ -230,7 +236,7 @@ impl Read for &SharedStream {
 /// Writes `bytes` whole: straight to the socket, or encrypted.
 fn write_locked(inner: &mut Inner, tcp: &TcpStream, bytes: &[u8]) -> io::Result<()> {
     match inner.tls.as_mut() {
-        None => (&*tcp).write_all(bytes),
+        None => WithinTimeout::new(tcp).write_all(bytes),
         Some(tls) => {
             // rustls takes plaintext only while its outgoing buffer has room: encrypt and
             // send in turns.
@@ -278,10 +284,63 @@ fn process_tls(tls: &mut rustls::Connection, tcp: &TcpStream) -> io::Result<()> 
 
 /// Sends everything rustls has queued.
 fn flush_tls(tls: &mut rustls::Connection, tcp: &TcpStream) -> io::Result<()> {
+    let mut socket = WithinTimeout::new(tcp);
     while tls.wants_write() {
-        tls.write_tls(&mut &*tcp)?;
+        tls.write_tls(&mut socket)?;
     }
     Ok(())
+}
+
+/// The socket as a writer whose writes for one frame all end within the socket's write
+/// timeout. That timeout bounds each system call only, so a peer that reads a little now
+/// and then could stretch one frame's write without end; after the first write that did
+/// not take everything, each further one gets only what is left of the timeout. (A write
+/// that takes everything at once costs no extra system call.)
+struct WithinTimeout<'a> {
+    tcp: &'a TcpStream,
+    started: Instant,
+    /// The socket's own write timeout, read after the first partial write and put back
+    /// when done.
+    slow: Option<Option<Duration>>,
+}
+
+impl<'a> WithinTimeout<'a> {
+    fn new(tcp: &'a TcpStream) -> Self {
+        WithinTimeout {
+            tcp,
+            started: Instant::now(),
+            slow: None,
+        }
+    }
+}
+
+impl Write for WithinTimeout<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(Some(limit)) = self.slow {
+            let left = limit.saturating_sub(self.started.elapsed());
+            if left.is_zero() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.tcp.set_write_timeout(Some(left))?;
+        }
+        let written = (&*self.tcp).write(buf)?;
+        if written < buf.len() && self.slow.is_none() {
+            self.slow = Some(self.tcp.write_timeout()?);
+        }
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for WithinTimeout<'_> {
+    fn drop(&mut self) {
+        if let Some(limit) = self.slow {
+            let _ = self.tcp.set_write_timeout(limit);
+        }
+    }
 }
 
 /// A TLS protocol failure (bad certificate, alert, garbage instead of a record), kept as

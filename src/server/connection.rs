@@ -259,6 +259,9 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
         // We sent a Close the peer has not answered: let it reach the peer before the
         // socket closes.
         stream.close_gracefully(net::LINGER);
+    } else if ending.reason == Reason::WriteTimeout {
+        // Nothing more gets through to a peer that stopped reading: end with a reset.
+        stream.reset_on_close();
     } else {
         stream.send_close_notify();
     }

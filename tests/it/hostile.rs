@@ -1022,6 +1022,66 @@ fn a_client_that_stops_reading_is_cut_off_by_the_write_timeout() {
     assert_eq!(closed_total(&server), 3.0);
 }
 
+/// A peer that reads a few bytes now and then, and keeps sending pings: each of the
+/// server's writes makes a little progress, so the socket's own write timeout (per system
+/// call) never fires; the echo must still end within the write timeout, plus a second.
+#[test]
+fn a_client_that_reads_a_trickle_and_keeps_pinging_is_cut_off_by_the_write_timeout() {
+    const MESSAGE: usize = 12 << 20;
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let server = TestServer::start(&["--write-timeout", "1s"]);
+    let state = server.state();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut tcp = support::upgrade_on(socket.into());
+    server.wait_settled(1);
+    let frame = support::masked_frame(0x82, &vec![0x5a; MESSAGE]);
+    tcp.write_all(&frame).unwrap();
+    drop(frame);
+    let echo_started = wait_for_buffered(&tcp, "the echo", |bytes| !bytes.is_empty());
+    // The trickle: a receive buffer's worth every 300 ms (each read opens the window, so
+    // every write of the server's makes progress), and a ping each time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickle = thread::spawn({
+        let (mut tcp, stop) = (tcp.try_clone().unwrap(), stop.clone());
+        move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::SeqCst) {
+                if tcp.read(&mut buf).unwrap_or(0) == 0 {
+                    return;
+                }
+                let _ = tcp.write_all(&support::masked_frame(0x89, b"still here"));
+                thread::sleep(Duration::from_millis(300)); // the trickle's pace
+            }
+        }
+    });
+    support::wait_within(
+        "the server gives up on the echo",
+        TIMEOUT + Duration::from_secs(1) + SLACK,
+        || state.connections() == 0,
+    );
+    let took = echo_started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        took < scaled(TIMEOUT + Duration::from_secs(1)) + SLACK,
+        "cut off {took:?} after the echo started (write timeout {TIMEOUT:?})"
+    );
+    assert_eq!(server.closed("write_timeout", "none"), 1.0);
+    // A full window lets no Close through: the server resets the connection.
+    tcp.set_read_timeout(Some(patience())).unwrap();
+    let ended = loop {
+        match tcp.read(&mut [0u8; 65536]) {
+            Ok(0) => break "eof",
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break "reset",
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(ended, "reset");
+    let _ = trickle.join();
+}
+
 #[test]
 fn idle_timeout_closes_a_mute_client_and_spares_one_that_answers_pings() {
     const PING: Duration = Duration::from_millis(200);
