@@ -1070,8 +1070,9 @@ fn a_client_that_reads_a_trickle_and_keeps_pinging_is_cut_off_by_the_write_timeo
     assert_eq!(server.closed("write_timeout", "none"), 1.0);
     // A full window lets no Close through: the server resets the connection.
     tcp.set_read_timeout(Some(patience())).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
     let ended = loop {
-        match tcp.read(&mut [0u8; 65536]) {
+        match tcp.read(&mut buf) {
             Ok(0) => break "eof",
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::ConnectionReset => break "reset",
