@@ -113,7 +113,14 @@ pub(super) fn run(
             }
             Err(error) => {
                 stats.attempt_failed(error.cause);
-                warn!("[Connection {index}] Connection failed: {error}");
+                // Many connections failing the same way make one line a minute, not one each.
+                match stats.log_failure(error.cause) {
+                    Some(0) => warn!("[Connection {index}] Connection failed: {error}"),
+                    Some(more) => warn!(
+                        "[Connection {index}] Connection failed: {error} ({more} more like it since the last such line)"
+                    ),
+                    None => debug!("[Connection {index}] Connection failed: {error}"),
+                }
                 retry_after = error.retry_after;
                 Outcome::Failed
             }

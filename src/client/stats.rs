@@ -81,7 +81,14 @@ pub struct ClientStats {
     idle_limit: Mutex<Option<IdleLimit>>,
     /// Connections up now by the backend that answered them (`X-Served-By`).
     backends: Mutex<BTreeMap<String, i64>>,
+    /// Per failure cause: when a failure of it was last logged, and how many have not been
+    /// logged since.
+    failure_log: Mutex<[Option<(Instant, u64)>; Failure::ALL.len()]>,
 }
+
+/// How often one cause of failed attempts is logged at WARN (the others are counted and
+/// logged at DEBUG): one clear line per cause, not one per attempt.
+const FAILURE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The things counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +147,7 @@ impl Default for ClientStats {
             ),
             idle_limit: Mutex::default(),
             backends: Mutex::default(),
+            failure_log: Mutex::default(),
         }
     }
 }
@@ -234,6 +242,27 @@ impl ClientStats {
     /// Connection attempts that failed for `cause` so far.
     pub fn failed(&self, cause: Failure) -> u64 {
         self.failed[cause as usize].load(Ordering::Relaxed)
+    }
+
+    /// Whether a failure of `cause` should be logged at WARN now (the first in
+    /// [`FAILURE_LOG_EVERY`]), with how many of its kind were not logged before it.
+    pub(super) fn log_failure(&self, cause: Failure) -> Option<u64> {
+        let mut log = self
+            .failure_log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = &mut log[cause as usize];
+        match entry {
+            Some((at, suppressed)) if at.elapsed() < FAILURE_LOG_EVERY => {
+                *suppressed += 1;
+                None
+            }
+            _ => {
+                let suppressed = entry.map_or(0, |(_, n)| n);
+                *entry = Some((Instant::now(), 0));
+                Some(suppressed)
+            }
+        }
     }
 
     pub(super) fn attempt_failed(&self, cause: Failure) {

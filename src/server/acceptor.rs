@@ -14,6 +14,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, error, warn};
 
 use super::access::Admission;
+use super::capacity::Capacity;
 use super::connection::{self, Context};
 use super::handshake::Reply;
 use crate::net;
@@ -23,7 +24,8 @@ use crate::net;
 pub const CONNECTION_STACK_SIZE: usize = 64 * 1024;
 /// Backoff bounds after a failed `accept` (EMFILE and friends repeat until a socket closes).
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
-/// Sockets waiting for their 503; beyond this a refused socket is simply closed.
+/// Sockets waiting for their 503 (fewer under a small file limit: see `Capacity`); beyond
+/// this a refused socket is simply closed.
 pub const REJECT_QUEUE: usize = 64;
 /// How long the rejecter waits for a refused client's request and for it to hang up.
 const REJECT_LINGER: Duration = Duration::from_millis(100);
@@ -33,11 +35,12 @@ const REJECT_LINGER: Duration = Duration::from_millis(100);
 pub fn accept_loop(
     listener: &TcpListener,
     context: &Arc<Context>,
-    ceiling: usize,
+    capacity: &Capacity,
     live_threads: &Arc<AtomicUsize>,
     alive: Sender<()>,
 ) {
-    let (refuse, refused) = crossbeam_channel::bounded(REJECT_QUEUE);
+    let ceiling = capacity.ceiling;
+    let (refuse, refused) = crossbeam_channel::bounded(capacity.reject_queue);
     let rejecter = crate::threads::spawn("rejecter", {
         let (metrics, shutdown) = (context.metrics.clone(), context.shutdown.clone());
         move || reject_all(&refused, &metrics.connections_rejected, &shutdown)

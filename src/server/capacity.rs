@@ -11,13 +11,15 @@
 use std::fmt;
 use std::fs;
 
+use super::acceptor::REJECT_QUEUE;
+
 /// Memory maps per connection thread.
 pub const MAPS_PER_THREAD: usize = 4;
 /// Maps kept free for the allocator's arenas and everything else the process maps later.
 const MAPS_RESERVE: usize = 512;
 /// File descriptors kept free for the listeners, the metrics server, /proc reads and the
 /// sockets waiting in the rejecter's queue.
-const FDS_RESERVE: usize = 64 + super::acceptor::REJECT_QUEUE;
+const FDS_RESERVE: usize = 64 + REJECT_QUEUE;
 /// Threads (pids) kept free for the rest of the system and our own helper threads.
 const THREADS_RESERVE: usize = 256;
 
@@ -30,6 +32,8 @@ pub struct Capacity {
     pub limited_by: &'static str,
     /// Each limit with the ceiling it allows, for the log.
     pub budgets: Vec<(&'static str, usize)>,
+    /// Refused sockets that may wait for their 503 (each holds a file descriptor).
+    pub reject_queue: usize,
 }
 
 impl Capacity {
@@ -39,10 +43,16 @@ impl Capacity {
         if let Some(max) = max_connections {
             budgets.push(("--max-connections", max));
         }
+        let mut reject_queue = REJECT_QUEUE;
         if let Some(soft) = proc_limit("Max open files") {
+            // A small limit keeps a quarter free rather than the full reserve, so it still
+            // serves what fits; refused sockets waiting for their 503 may take half of it,
+            // the metrics port and the rest the other half.
+            let reserve = FDS_RESERVE.min(soft / 4);
+            reject_queue = REJECT_QUEUE.min(reserve / 2).max(1);
             budgets.push((
                 "RLIMIT_NOFILE",
-                soft.saturating_sub(count_dir("/proc/self/fd") + FDS_RESERVE),
+                soft.saturating_sub(count_dir("/proc/self/fd") + reserve),
             ));
         }
         if let Some(max_maps) = read_number("/proc/sys/vm/max_map_count") {
@@ -78,7 +88,10 @@ impl Capacity {
                 max.saturating_sub(current + THREADS_RESERVE),
             ));
         }
-        Self::from_budgets(budgets)
+        Capacity {
+            reject_queue,
+            ..Self::from_budgets(budgets)
+        }
     }
 
     /// The smallest budget wins; without any, the ceiling is unbounded.
@@ -92,6 +105,7 @@ impl Capacity {
             ceiling,
             limited_by,
             budgets,
+            reject_queue: REJECT_QUEUE,
         }
     }
 }

@@ -48,6 +48,7 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// A bound, not yet running server.
 pub struct Server {
     config: ServerConfig,
+    capacity: Capacity,
     tls: Option<ServerTls>,
     access: Access,
     listener: TcpListener,
@@ -104,6 +105,18 @@ impl ServerState {
 impl Server {
     /// Binds the WebSocket and metrics ports.
     pub fn bind(config: ServerConfig) -> Result<Self> {
+        let capacity = Capacity::detect(
+            config
+                .max_connections
+                .map(|max| max.min(usize::MAX as u64) as usize),
+        );
+        if capacity.ceiling == 0 {
+            // Listening while refusing everyone would look like a working server.
+            return Err(Error::Setup(format!(
+                "{} leaves room for no connection ({capacity}): raise it (for RLIMIT_NOFILE: ulimit -n)",
+                capacity.limited_by
+            )));
+        }
         let bind = |port| {
             let addr = SocketAddr::new(config.host, port);
             net::bind_listener(addr).map_err(|source| Error::Bind { addr, source })
@@ -120,6 +133,7 @@ impl Server {
         let metrics_listener = bind(config.metrics_port)?;
         let metrics = Metrics::new();
         Ok(Server {
+            capacity,
             tls,
             access,
             local_addr: listener.local_addr()?,
@@ -156,6 +170,7 @@ impl Server {
     pub fn run(self, shutdown: Shutdown) -> Result<()> {
         let Server {
             config,
+            capacity,
             tls,
             access,
             listener,
@@ -167,11 +182,6 @@ impl Server {
                 registry, threads, ..
             },
         } = self;
-        let capacity = Capacity::detect(
-            config
-                .max_connections
-                .map(|max| max.min(usize::MAX as u64) as usize),
-        );
         info!("Connection ceiling: {capacity}");
         match config.liveness().bound() {
             Some(bound) => info!(
@@ -244,7 +254,7 @@ impl Server {
             {
                 let context = context.clone();
                 move || {
-                    acceptor::accept_loop(&listener, &context, capacity.ceiling, &threads, alive);
+                    acceptor::accept_loop(&listener, &context, &capacity, &threads, alive);
                 }
             },
             // A wake-up connect can fail (a firewall, a full backlog): it is retried.

@@ -11,6 +11,7 @@ mod client_handshake;
 mod client_process;
 mod harness;
 mod hostile;
+mod limits;
 mod metrics_http;
 mod netcut;
 mod nginx;

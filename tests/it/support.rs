@@ -442,25 +442,31 @@ pub fn wait_until(what: &str, condition: impl FnMut() -> bool) {
 impl Proc {
     /// Like [`Proc::start`], with extra environment variables set for the child.
     pub fn start_with_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        Proc::spawn(None, bin, args, env)
+        Proc::spawn(&[], bin, args, env)
     }
 
     /// Like [`Proc::start`], inside network namespace `netns` (`ip netns exec`, which execs
     /// the binary: the process is the binary itself).
     pub fn start_in(netns: &str, bin: &str, args: &[&str]) -> Proc {
-        Proc::spawn(Some(netns), bin, args, &[])
+        Proc::start_wrapped(&["ip", "netns", "exec", netns], bin, args)
     }
 
-    fn spawn(netns: Option<&str>, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    /// Like [`Proc::start`], through `wrapper` (a command that execs the binary, such as
+    /// `prlimit --nofile=64:64`): the process is the binary itself.
+    pub fn start_wrapped(wrapper: &[&str], bin: &str, args: &[&str]) -> Proc {
+        Proc::spawn(wrapper, bin, args, &[])
+    }
+
+    fn spawn(wrapper: &[&str], bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let path = match bin {
             "server" => env!("CARGO_BIN_EXE_server"),
             "client" => env!("CARGO_BIN_EXE_client"),
             other => panic!("unknown binary {other}"),
         };
-        let mut command = match netns {
-            Some(netns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", netns, path]);
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(path);
                 command
             }
             None => Command::new(path),

@@ -1,0 +1,161 @@
+//! Exhausted limits, survived and recovered from: the binaries run under `prlimit` with a
+//! file-descriptor limit far below their usual ceiling (a process test: the limit is the
+//! process's own).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::harness::TestServer;
+use crate::support::{self, patience, Proc, Ws};
+
+/// A server under `prlimit --nofile=LIMIT`, its addresses and the ceiling it logged.
+fn limited_server(nofile: u32) -> (Proc, SocketAddr, SocketAddr, usize) {
+    let limit = format!("--nofile={nofile}:{nofile}");
+    let server = Proc::start_wrapped(
+        &["prlimit", &limit],
+        "server",
+        &["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
+    );
+    let ceiling: usize = server
+        .wait_for("Connection ceiling: ", patience())
+        .split("Connection ceiling: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .expect("the ceiling is logged");
+    let ws = support::address_after(&server.wait_for("Listening on ws://", patience()), "ws://");
+    let metrics = support::address_after(
+        &server.wait_for("Metrics on http://", patience()),
+        "http://",
+    );
+    (server, ws, metrics, ceiling)
+}
+
+/// The server's CPU time so far, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[test]
+fn a_small_file_limit_serves_what_fits_refuses_the_rest_cleanly_and_recovers() {
+    let (server, addr, metrics, ceiling) = limited_server(64);
+    assert!(
+        (10..64).contains(&ceiling),
+        "a 64-descriptor limit should leave room for some connections: {ceiling}"
+    );
+    let url = format!("ws://{addr}/ws");
+    let mut held: Vec<Ws> = (0..ceiling).map(|_| support::connect(&url)).collect();
+    support::wait_until("the server holds what fits", || {
+        support::metric(metrics, "websocket_connections") == ceiling as f64
+    });
+
+    // Past the ceiling: a clean refusal or, once the queue for them is full, a close; never
+    // an upgrade, never a busy loop, and the metrics port keeps answering.
+    let cpu_before = cpu_seconds(server.pid());
+    let mut refused = 0;
+    let mut extra: Vec<TcpStream> = Vec::new();
+    for _ in 0..40 {
+        let mut tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(patience())).unwrap();
+        let _ = tcp.write_all(support::upgrade_request().as_bytes());
+        let mut answer = Vec::new();
+        let _ = tcp.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            !answer.starts_with("HTTP/1.1 101"),
+            "upgraded past the ceiling"
+        );
+        if answer.starts_with("HTTP/1.1 503 ") {
+            assert!(answer.contains("Retry-After: "), "{answer}");
+            refused += 1;
+        }
+        extra.push(tcp);
+        assert_eq!(support::http_get(metrics, "/healthz").0, 200);
+    }
+    assert!(refused > 0, "no 503 among 40 refused connections");
+    let cpu = cpu_seconds(server.pid()) - cpu_before;
+    assert!(
+        cpu < 2.0,
+        "the server burned {cpu:.2} s of CPU refusing 40 connections"
+    );
+    drop(extra);
+    assert_eq!(
+        support::metric(metrics, "websocket_connections"),
+        ceiling as f64
+    );
+
+    // Connections leave: service resumes by itself.
+    for ws in held.drain(..5) {
+        support::close_normally(ws);
+    }
+    support::wait_until("five places free up", || {
+        support::metric(metrics, "websocket_connections") == (ceiling - 5) as f64
+    });
+    for _ in 0..5 {
+        held.push(support::connect(&url));
+    }
+    support::wait_until("the server is full again", || {
+        support::metric(metrics, "websocket_connections") == ceiling as f64
+    });
+    for ws in &mut held {
+        support::assert_echo(ws, 10);
+    }
+}
+
+#[test]
+fn a_limit_that_leaves_room_for_no_connection_refuses_to_start_and_names_it() {
+    let server = Proc::start_wrapped(
+        &["prlimit", "--nofile=8:8"],
+        "server",
+        &["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
+    );
+    let (status, output) = server.finish(patience());
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains("RLIMIT_NOFILE leaves room for no connection"),
+        "{output}"
+    );
+    assert!(!output.contains("Listening on"), "{output}");
+}
+
+#[test]
+fn a_client_out_of_descriptors_says_so_once_and_holds_what_fits() {
+    let server = TestServer::start(&[]);
+    let port = server.addr.port().to_string();
+    let client = Proc::start_wrapped(
+        &["prlimit", "--nofile=24:24"],
+        "client",
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--connections",
+            "40",
+            "--reconnect-delay",
+            "100ms",
+            "--reconnect-max-delay",
+            "100ms",
+        ],
+    );
+    // Several attempts per connection that does not fit fail with EMFILE...
+    support::wait_within(
+        "connections fail and retry",
+        Duration::from_secs(10),
+        || client.count("Reconnecting in") >= 40,
+    );
+    // ... and the log says so once, not once per attempt.
+    let lines = client.count("Too many open files");
+    assert_eq!(lines, 1, "{}", client.output());
+    // What fits is held.
+    let held = server.state().connections();
+    assert!((5..40).contains(&held), "{held} connections held");
+}
