@@ -110,6 +110,13 @@ pub struct ServerConfig {
     #[arg(long, env = "WEBSOCKET_TEST_MAX_MESSAGE_SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_message_size: usize,
 
+    /// Most bytes all connections together may hold for incomplete messages and echoes
+    /// being written; a connection whose next bytes would break it is closed with 1013
+    /// [default: half the memory cgroup's limit, else a quarter of the machine's memory;
+    /// logged at start]
+    #[arg(long, env = "WEBSOCKET_TEST_MAX_BUFFERED_MEMORY", value_parser = parse_size)]
+    pub max_buffered_memory: Option<usize>,
+
     /// Largest single frame accepted; a larger one closes the connection with 1009
     #[arg(long, env = "WEBSOCKET_TEST_MAX_FRAME_SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_frame_size: usize,

@@ -35,6 +35,8 @@ pub enum Reason {
     Shutdown,
     /// Load mode: the connection sent its messages and closed normally.
     Finished,
+    /// The server's memory budget for messages was used up; we sent Close 1013.
+    Overloaded,
     /// TCP keepalive or the user timeout gave up: the peer vanished without a word (a
     /// pulled cable, a forgotten NAT entry, a firewall that drops).
     Vanished,
@@ -44,7 +46,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in label order.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::PeerClose,
         Reason::Eof,
         Reason::Reset,
@@ -56,6 +58,7 @@ impl Reason {
         Reason::WriteTimeout,
         Reason::Shutdown,
         Reason::Finished,
+        Reason::Overloaded,
         Reason::Vanished,
         Reason::Error,
     ];
@@ -74,6 +77,7 @@ impl Reason {
             Reason::WriteTimeout => "write_timeout",
             Reason::Shutdown => "shutdown",
             Reason::Finished => "finished",
+            Reason::Overloaded => "overloaded",
             Reason::Vanished => "vanished",
             Reason::Error => "error",
         }
@@ -237,6 +241,9 @@ pub fn violation(error: &WsError) -> Option<(Reason, CloseCode)> {
         WsError::Protocol(_) | WsError::AttackAttempt => {
             Some((Reason::ProtocolError, CloseCode::Protocol))
         }
+        WsError::Io(error) if crate::budget::is_over_budget(error) => {
+            Some((Reason::Overloaded, CloseCode::Again))
+        }
         _ => None,
     }
 }
@@ -246,6 +253,7 @@ pub fn violation_reason(code: CloseCode) -> &'static str {
     match code {
         CloseCode::Size => "message too big",
         CloseCode::Invalid => "invalid UTF-8 in text message",
+        CloseCode::Again => "server busy, try again later",
         _ => "protocol error",
     }
 }

@@ -15,6 +15,7 @@
 //! - [`client`]: connection threads: connect, ping, status, reconnect; their counters.
 //! - [`ending`]: how a connection ended, the words both sides log and count it with.
 //! - `debug`: `/debug/connections`, every live connection with its thread.
+//! - `budget`: the server's memory budget for messages (`--max-buffered-memory`).
 //! - `activity`: what a connection did (messages, bytes, silence, round trip), lock-free.
 //! - `stream`: the socket shared between a connection's thread and shutdown.
 //! - `frame`: the Close frames written from outside a connection's thread.
@@ -30,6 +31,7 @@
 //! more is written to a socket; every wait is bounded or wakes on shutdown.
 
 mod activity;
+mod budget;
 pub mod client;
 pub mod config;
 mod debug;

@@ -368,6 +368,8 @@ pub fn is_tls_error(error: &io::Error) -> bool {
 pub struct WsStream {
     shared: Arc<SharedStream>,
     bytes_read: u64,
+    /// What the message being read holds of the server's memory budget.
+    account: Option<crate::budget::Account>,
 }
 
 impl WsStream {
@@ -376,6 +378,16 @@ impl WsStream {
         WsStream {
             shared,
             bytes_read: 0,
+            account: None,
+        }
+    }
+
+    /// The owner's half of `shared`, its messages charged to `budget`: a read whose bytes
+    /// would break the budget fails (see [`crate::budget`]).
+    pub fn with_budget(shared: Arc<SharedStream>, budget: Arc<crate::budget::Budget>) -> Self {
+        WsStream {
+            account: Some(crate::budget::Account::new(budget)),
+            ..Self::new(shared)
         }
     }
 
@@ -383,12 +395,22 @@ impl WsStream {
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read
     }
+
+    /// The message read last is done with (echoed): what it held goes back to the budget.
+    pub fn settled(&mut self) {
+        if let Some(account) = &mut self.account {
+            account.settled();
+        }
+    }
 }
 
 impl Read for WsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.shared.read(buf)?;
         self.bytes_read += n as u64;
+        if let Some(account) = &mut self.account {
+            account.received(n)?;
+        }
         Ok(n)
     }
 }

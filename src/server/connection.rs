@@ -51,6 +51,8 @@ pub struct Context {
     pub answer_headers: String,
     /// The first message of every connection (`--hello`).
     pub hello: Option<String>,
+    /// The memory budget for messages, shared by all connections.
+    pub budget: Arc<crate::budget::Budget>,
     /// Set while the server drains: new upgrades and `GET /` get 503.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Serve `wss://`: every accepted socket starts with a TLS handshake.
@@ -236,7 +238,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
     }
 
     let mut socket = WebSocket::from_partially_read(
-        WsStream::new(stream.clone()),
+        WsStream::with_budget(stream.clone(), context.budget.clone()),
         leftover,
         Role::Server,
         Some(context.ws_config),
@@ -254,7 +256,11 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
     let ending = echo(&mut socket, &stream, registration.activity(), context);
     if matches!(
         ending.reason,
-        Reason::ProtocolError | Reason::InvalidData | Reason::TooBig | Reason::IdleTimeout
+        Reason::ProtocolError
+            | Reason::InvalidData
+            | Reason::TooBig
+            | Reason::IdleTimeout
+            | Reason::Overloaded
     ) {
         // We sent a Close the peer has not answered: let it reach the peer before the
         // socket closes.
@@ -304,6 +310,7 @@ fn echo(
                 if let Err(error) = socket.send(message) {
                     return end_with_error(&error, stream);
                 }
+                socket.get_mut().settled();
                 activity.sent(size);
                 if keepalive {
                     last_activity = Instant::now();
@@ -315,6 +322,7 @@ fn echo(
             }
             Ok(Message::Pong(payload)) => {
                 activity.heard();
+                socket.get_mut().settled();
                 if let Some((seq, sent)) = last_ping {
                     if payload[..] == seq.to_be_bytes() {
                         activity.pong(sent.elapsed());
@@ -323,7 +331,10 @@ fn echo(
                 }
             }
             // tungstenite queues the pong and sends it before the next read.
-            Ok(Message::Ping(_) | Message::Frame(_)) => activity.heard(),
+            Ok(Message::Ping(_) | Message::Frame(_)) => {
+                activity.heard();
+                socket.get_mut().settled();
+            }
             Err(WsError::Io(error)) if net::is_timeout(&error) => {}
             // Our shutdown Close went first: whatever ends the connection now (the peer's
             // reply, or the abort after the shutdown timeout) ends it for the shutdown.

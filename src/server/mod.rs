@@ -193,10 +193,22 @@ impl Server {
         if let Some(summary) = access.summary() {
             info!("Access: {summary}");
         }
+        let (budget_limit, from) = match config.max_buffered_memory {
+            Some(limit) => (limit, "--max-buffered-memory"),
+            None => crate::budget::default_limit(),
+        };
+        info!(
+            "Memory budget for messages: {} MiB ({from})",
+            budget_limit >> 20
+        );
+        let budget = Arc::new(crate::budget::Budget::new(budget_limit));
         let metrics_server = MetricsServer::start(
             metrics_listener,
             metrics.clone(),
-            Arc::new(registry.clone()),
+            Arc::new(LiveView {
+                registry: registry.clone(),
+                budget: budget.clone(),
+            }),
         )?;
         // The reporter, the acceptor and the connections stop on `closing`, which follows
         // `shutdown` after the drain delay; dropping `helpers` (on any return) stops them.
@@ -237,6 +249,7 @@ impl Server {
                 )
             }),
             draining: Arc::default(),
+            budget: budget.clone(),
         });
         // Every connection thread holds a clone of `alive`; the channel disconnects when
         // the last one has finished.
@@ -346,5 +359,33 @@ fn close_connections(
             "{} did not close within {timeout:?}; dropped them",
             crate::count(aborted, "connection"),
         );
+    }
+}
+
+/// What the metrics port reads from the running server at each request.
+struct LiveView {
+    registry: Registry,
+    budget: Arc<crate::budget::Budget>,
+}
+
+impl crate::metrics::Live for LiveView {
+    fn families(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use crate::metrics::family;
+        let mut families = self.registry.traffic_families();
+        families.push(family::gauge(
+            "websocket_buffered_bytes",
+            "Bytes held for incomplete messages and echoes being written, charged to the memory budget",
+            &[(&[], self.budget.held() as f64)],
+        ));
+        families.push(family::gauge(
+            "websocket_buffered_bytes_limit",
+            "The memory budget for messages (--max-buffered-memory)",
+            &[(&[], self.budget.limit() as f64)],
+        ));
+        families
+    }
+
+    fn connections_json(&self) -> String {
+        self.registry.connections_json()
     }
 }

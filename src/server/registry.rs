@@ -16,7 +16,7 @@ use super::access::ClientAddr;
 use crate::activity::{Activity, Snapshot};
 use crate::debug::{self, Row};
 use crate::ending::{Ending, Reason};
-use crate::metrics::{family, Live, Metrics};
+use crate::metrics::{family, Metrics};
 use crate::stream::SharedStream;
 
 /// One live connection.
@@ -228,11 +228,11 @@ fn traffic(activity: &Snapshot) -> [u64; 4] {
     ]
 }
 
-impl Live for Registry {
+impl Registry {
     /// `websocket_messages_total{direction}` and `websocket_bytes_total{direction}`: what
     /// the ended connections carried plus what the live ones have carried so far (counted
     /// by each connection's thread on its own counters, summed here, at the scrape).
-    fn families(&self) -> Vec<MetricFamily> {
+    pub fn traffic_families(&self) -> Vec<MetricFamily> {
         let mut totals: [u64; 4] =
             std::array::from_fn(|i| self.finished[i].load(Ordering::Relaxed));
         // Under the read lock: a connection moves from live to finished under the write lock.
@@ -264,7 +264,8 @@ impl Live for Registry {
         ]
     }
 
-    fn connections_json(&self) -> String {
+    /// `/debug/connections`: the live connections as JSON.
+    pub fn connections_json(&self) -> String {
         let entries = self.entries();
         let names: Vec<(String, String)> = entries
             .iter()

@@ -159,3 +159,45 @@ fn a_client_out_of_descriptors_says_so_once_and_holds_what_fits() {
     let held = server.state().connections();
     assert!((5..40).contains(&held), "{held} connections held");
 }
+
+#[test]
+fn connections_past_the_memory_budget_get_1013_and_the_others_carry_on() {
+    const SIZE: usize = 800 << 10;
+    let server = TestServer::start(&["--max-buffered-memory", "1MiB"]);
+    let buffered = || server.metric("websocket_buffered_bytes");
+    assert_eq!(
+        server.metric("websocket_buffered_bytes_limit"),
+        f64::from(1 << 20)
+    );
+    let payload = support::binary_payload(SIZE);
+
+    // A holds most of a large message: charged to the budget while it is incomplete.
+    let mut holder = support::raw_upgrade(server.addr);
+    let frame = support::masked_frame(0x82, &payload);
+    let (first, rest) = frame.split_at(frame.len() - (100 << 10));
+    holder.write_all(first).unwrap();
+    support::wait_until("the incomplete message is charged", || {
+        buffered() > 512.0 * 1024.0
+    });
+
+    // B's whole message does not fit beside it: B is told to come back later.
+    let mut late = support::raw_upgrade(server.addr);
+    let _ = late.write_all(&frame);
+    let (byte0, body) = support::read_frame(&mut late).unwrap();
+    assert_eq!(byte0, 0x88, "expected a Close frame");
+    assert_eq!(support::close_code(&body), Some(1013));
+    support::wait_until("B's end is counted", || {
+        server.closed("overloaded", "1013") == 1.0
+    });
+
+    // A finishes its message and gets its echo; then nothing is held any more.
+    holder.write_all(rest).unwrap();
+    let (byte0, echo) = support::read_frame(&mut holder).unwrap();
+    assert_eq!(byte0, 0x82);
+    assert!(echo == payload, "the echo differs");
+    support::wait_until("the budget is given back", || buffered() == 0.0);
+    // And a new large message fits again.
+    holder.write_all(&frame).unwrap();
+    let (_, echo) = support::read_frame(&mut holder).unwrap();
+    assert_eq!(echo.len(), SIZE);
+}
