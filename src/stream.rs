@@ -27,6 +27,8 @@ const TLS_READ_CHUNK: usize = 4096;
 #[derive(Debug)]
 pub struct SharedStream {
     tcp: TcpStream,
+    /// Whether `inner` holds a TLS session: a plain read then needs no lock at all.
+    encrypted: bool,
     inner: Mutex<Inner>,
 }
 
@@ -56,6 +58,7 @@ impl SharedStream {
     fn wrap(tcp: TcpStream, tls: Option<Box<rustls::Connection>>) -> Arc<Self> {
         Arc::new(SharedStream {
             tcp,
+            encrypted: tls.is_some(),
             inner: Mutex::new(Inner {
                 done: false,
                 tls,
@@ -71,7 +74,7 @@ impl SharedStream {
 
     /// Whether the stream is encrypted.
     pub fn is_tls(&self) -> bool {
-        self.lock().tls.is_some()
+        self.encrypted
     }
 
     /// Runs the TLS handshake (a no-op without TLS) within `deadline`; on a failure the
@@ -107,6 +110,9 @@ impl SharedStream {
 
     /// Reads plaintext: on the owner's thread only.
     fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.encrypted {
+            return (&self.tcp).read(buf);
+        }
         loop {
             {
                 let mut inner = self.lock();
@@ -370,6 +376,25 @@ pub struct WsStream {
     bytes_read: u64,
     /// What the message being read holds of the server's memory budget.
     account: Option<crate::budget::Account>,
+    ahead: ReadAhead,
+}
+
+/// Largest read-ahead buffer: a 64 KiB message arrives in one or two reads, and the
+/// buffer stays below glibc's 128 KiB threshold for serving an allocation with mmap.
+const READ_AHEAD: usize = 120 << 10;
+
+/// Reads ahead for tungstenite, which asks for at most its read buffer size (1 KiB, to keep
+/// idle connections small) at a time, so a large message would cost one system call per
+/// KiB. Once a read fills tungstenite's whole request (more is probably waiting), the next
+/// socket reads go into a buffer of up to [`READ_AHEAD`] here and tungstenite is served from
+/// it; once a socket read no longer fills tungstenite's request, the buffer is given back as
+/// soon as it is drained. Small messages are read straight into tungstenite's buffer: one
+/// system call each, and an idle connection holds no buffer here.
+#[derive(Debug, Default)]
+struct ReadAhead {
+    buf: Vec<u8>,
+    start: usize,
+    eager: bool,
 }
 
 impl WsStream {
@@ -379,6 +404,7 @@ impl WsStream {
             shared,
             bytes_read: 0,
             account: None,
+            ahead: ReadAhead::default(),
         }
     }
 
@@ -404,12 +430,59 @@ impl WsStream {
     }
 }
 
-impl Read for WsStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl WsStream {
+    /// Reads from the socket, counting what arrives.
+    fn receive(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.shared.read(buf)?;
         self.bytes_read += n as u64;
         if let Some(account) = &mut self.account {
             account.received(n)?;
+        }
+        Ok(n)
+    }
+}
+
+impl Read for WsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let ahead = &mut self.ahead;
+        if ahead.start == ahead.buf.len() {
+            if !ahead.eager {
+                // Straight into tungstenite's buffer; a full read says more is waiting.
+                let n = self.receive(buf)?;
+                self.ahead.eager = n == buf.len() && n > 0;
+                return Ok(n);
+            }
+            let mut bigger = std::mem::take(&mut ahead.buf);
+            bigger.resize(READ_AHEAD, 0);
+            let received = self.receive(&mut bigger);
+            bigger.truncate(*received.as_ref().unwrap_or(&0));
+            // Whatever this read brought, the next read after it is drained goes straight
+            // into tungstenite's buffer again: an idle connection never waits holding it.
+            self.ahead = ReadAhead {
+                buf: bigger,
+                start: 0,
+                eager: false,
+            };
+            received?;
+        }
+        let ReadAhead {
+            buf: ahead,
+            start,
+            eager,
+        } = &mut self.ahead;
+        let n = buf.len().min(ahead.len() - *start);
+        buf[..n].copy_from_slice(&ahead[*start..*start + n]);
+        *start += n;
+        if *start == ahead.len() {
+            // Drained. A full read-ahead says more is waiting: read ahead again. Otherwise
+            // give the memory back; the next read is a direct one.
+            *eager = ahead.len() == READ_AHEAD;
+            if *eager {
+                ahead.clear();
+            } else {
+                *ahead = Vec::new();
+            }
+            *start = 0;
         }
         Ok(n)
     }
