@@ -100,6 +100,32 @@ pub(super) fn render(stats: &ClientStats) -> prometheus::Result<Vec<u8>> {
             "Pongs received for them",
             &[(&[], count(Counter::Pongs))],
         ),
+        family::counter(
+            "websocket_client_messages_total",
+            "Load messages sent, and echoes received and verified",
+            &[
+                (&[("direction", "received")], count(Counter::Received)),
+                (&[("direction", "sent")], count(Counter::Sent)),
+            ],
+        ),
+        family::counter(
+            "websocket_client_bytes_total",
+            "Load message payload bytes sent and echoed back",
+            &[
+                (&[("direction", "received")], count(Counter::BytesReceived)),
+                (&[("direction", "sent")], count(Counter::BytesSent)),
+            ],
+        ),
+        family::counter(
+            "websocket_client_echo_errors_total",
+            "Echoes that differed from what was sent, came out of order, or never came \
+             (counted when their connection ended)",
+            &[
+                (&[("kind", "corrupted")], count(Counter::Corrupted)),
+                (&[("kind", "lost")], count(Counter::Lost)),
+                (&[("kind", "reordered")], count(Counter::Reordered)),
+            ],
+        ),
     ];
     let causes: Vec<[(&str, &str); 1]> = Failure::ALL
         .iter()
@@ -207,4 +233,31 @@ fn debug_connections(slots: &[Slot]) -> String {
         })
         .collect();
     debug::render(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_counts_and_echo_errors_are_exported_with_zeroes() {
+        let stats = ClientStats::default();
+        stats.add(Counter::Sent, 5);
+        stats.add(Counter::Received, 4);
+        stats.add(Counter::BytesSent, 160);
+        stats.add(Counter::BytesReceived, 128);
+        stats.add(Counter::Lost, 1);
+        let text = String::from_utf8(render(&stats).unwrap()).unwrap();
+        for line in [
+            "websocket_client_messages_total{direction=\"received\"} 4",
+            "websocket_client_messages_total{direction=\"sent\"} 5",
+            "websocket_client_bytes_total{direction=\"received\"} 128",
+            "websocket_client_bytes_total{direction=\"sent\"} 160",
+            "websocket_client_echo_errors_total{kind=\"corrupted\"} 0",
+            "websocket_client_echo_errors_total{kind=\"lost\"} 1",
+            "websocket_client_echo_errors_total{kind=\"reordered\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+    }
 }

@@ -9,6 +9,7 @@ mod access;
 mod client;
 mod client_handshake;
 mod client_process;
+mod faults;
 mod harness;
 mod hostile;
 mod limits;

@@ -19,14 +19,6 @@ use crate::support::{self, address_after, patience, Proc};
 /// The flags that put a server on free loopback ports.
 const FREE: [&str; 6] = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"];
 
-fn binary(bin: &str) -> &'static str {
-    match bin {
-        "server" => env!("CARGO_BIN_EXE_server"),
-        "client" => env!("CARGO_BIN_EXE_client"),
-        other => panic!("unknown binary {other}"),
-    }
-}
-
 /// A binary whose stdout the test reads until some lines have appeared, then closes, as
 /// `server | head` does. Its stderr is collected to the end.
 struct Muted {
@@ -42,7 +34,7 @@ impl Muted {
     /// in a line; returns once the read end of the pipe is closed.
     fn start(bin: &str, args: &[&str], wanted: &[&str]) -> Muted {
         let name = format!("{bin} {}", args.join(" "));
-        let mut child = Command::new(binary(bin))
+        let mut child = Command::new(support::binary(bin))
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

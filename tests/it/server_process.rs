@@ -37,7 +37,7 @@ fn run_server(args: &[&str], env: &[(&str, &str)]) -> Exit {
             text
         })
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_server"))
+    let mut child = Command::new(support::binary("server"))
         .args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null())

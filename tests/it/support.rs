@@ -458,11 +458,8 @@ impl Proc {
     }
 
     fn spawn(wrapper: &[&str], bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let path = match bin {
-            "server" => env!("CARGO_BIN_EXE_server"),
-            "client" => env!("CARGO_BIN_EXE_client"),
-            other => panic!("unknown binary {other}"),
-        };
+        let path = binary(bin);
+        let path = path.as_str();
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
@@ -488,6 +485,29 @@ impl Proc {
             child,
             output,
         }
+    }
+}
+
+/// The binary `bin` (`"server"` or `"client"`) to run: from `$WEBSOCKET_TEST_BIN_DIR` when
+/// set (the fault tests run against the release build that way), else the one cargo built
+/// for these tests.
+pub fn binary(bin: &str) -> String {
+    let built = match bin {
+        "server" => env!("CARGO_BIN_EXE_server"),
+        "client" => env!("CARGO_BIN_EXE_client"),
+        other => panic!("unknown binary {other}"),
+    };
+    match std::env::var_os("WEBSOCKET_TEST_BIN_DIR") {
+        Some(dir) => {
+            let path = std::path::Path::new(&dir).join(bin);
+            assert!(
+                path.is_file(),
+                "WEBSOCKET_TEST_BIN_DIR has no {bin}: {}",
+                path.display()
+            );
+            path.to_string_lossy().into_owned()
+        }
+        None => built.to_owned(),
     }
 }
 
