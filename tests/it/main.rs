@@ -21,3 +21,4 @@ mod server;
 mod server_process;
 mod support;
 mod tls;
+mod ui;
