@@ -11,7 +11,7 @@ with one line: `ok RESULT` (a JSON string) or `error MESSAGE` (a JSON string).
     eval SCRIPT       run SCRIPT as a function body; its return value, as text (JSON for
                       anything but a string)
     click SELECTOR    click the first element matching the CSS selector, as a user would
-    screenshot PATH   save a PNG of the window
+    screenshot PATH   save a PNG of the page (as far as the window shows it)
     console ""        the browser console's messages so far, one per line
     quit ""           close the browser and exit
 
@@ -84,7 +84,8 @@ def run(driver, name, argument):
         driver.find_element(By.CSS_SELECTOR, argument).click()
         return ""
     if name == "screenshot":
-        if not driver.save_screenshot(argument):
+        # The document, not the window: no empty space below a short page.
+        if not driver.find_element(By.TAG_NAME, "html").screenshot(argument):
             raise RuntimeError(f"could not write {argument}")
         return argument
     if name == "console":
