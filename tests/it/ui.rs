@@ -7,7 +7,7 @@
 //! The browser tests drive Debian's `chromium` through `chromedriver` with selenium, by a
 //! small Python script (tests/ui/bridge.py) that relays one command per line; the scenario
 //! and every wait and assertion are here. They write a screenshot of each state to
-//! `target/ui-screenshots/`. What they need (scripts/ci-setup installs it all):
+//! `target/ui-screenshots/`. What they need (scripts/ci-setup --with-ui installs it all):
 //! `apt-get install -y chromium chromium-driver nginx` and selenium in a venv
 //! (target/ci-venv). Without it they fail and say what is missing; outside CI,
 //! `WEBSOCKET_TEST_SKIP_BROWSER=1` skips them, loudly. `WEBSOCKET_TEST_CHROMIUM`,
@@ -144,7 +144,8 @@ fn a_browser_shows_round_trips_then_the_close_1001_of_a_server_stopped_by_sigter
             ),
             "{line}"
         );
-        // The page and the server agree on how long the connection lived.
+        // The page and the server agree on how long the connection lived (each clock runs
+        // from its own side's open to its own side's close).
         let age = seconds_after(line, "; age ");
         assert!(age > 0.0, "{line}");
         let server_ages: Vec<f64> = server
@@ -157,7 +158,7 @@ fn a_browser_shows_round_trips_then_the_close_1001_of_a_server_stopped_by_sigter
         assert!(
             server_ages
                 .iter()
-                .any(|server_age| (server_age - age).abs() <= 0.3 * time_scale()),
+                .any(|server_age| (server_age - age).abs() <= 0.5 * time_scale()),
             "the page says age {age}s, the server {server_ages:?}"
         );
     }
@@ -225,7 +226,7 @@ fn a_browser_in_silent_mode_behind_nginx_shows_the_idle_cut_and_the_silence_befo
     let silence = seconds_after(line, "nothing received for ");
     assert!(
         silence >= IDLE_CUT.as_secs_f64() - 0.35
-            && silence <= IDLE_CUT.as_secs_f64() + 0.5 * time_scale(),
+            && silence <= IDLE_CUT.as_secs_f64() + time_scale(),
         "the page says {silence}s of silence before the cut, nginx allows {IDLE_CUT:?}: {line}"
     );
     assert!(
@@ -265,7 +266,7 @@ fn seconds_after(line: &str, marker: &str) -> f64 {
 /// How to install what the browser tests need, for the failure message.
 const INSTALL: &str = "install them with `apt-get install -y chromium chromium-driver` and selenium \
                        in a venv (`python3 -m venv target/ci-venv && target/ci-venv/bin/pip install \
-                       selenium`); scripts/ci-setup does both. Outside CI, \
+                       selenium`); scripts/ci-setup --with-ui does both. Outside CI, \
                        WEBSOCKET_TEST_SKIP_BROWSER=1 skips these tests";
 
 /// The target directory (CARGO_TARGET_TMPDIR is its `tmp`).
@@ -276,10 +277,10 @@ fn target_dir() -> PathBuf {
         .to_owned()
 }
 
-/// The program `env` names, else the first of `candidates` that exists.
+/// The program `env` names, else the first of `candidates`; `None` when that is no file.
 fn program(env: &str, candidates: &[PathBuf]) -> Option<PathBuf> {
     match std::env::var_os(env) {
-        Some(path) => Some(PathBuf::from(path)),
+        Some(path) => Some(PathBuf::from(path)).filter(|path| path.is_file()),
         None => candidates.iter().find(|path| path.is_file()).cloned(),
     }
 }
@@ -314,13 +315,15 @@ fn browser_programs() -> Option<(PathBuf, PathBuf, PathBuf)> {
     });
     let mut missing = Vec::new();
     if chromium.is_none() {
-        missing.push("chromium (not on PATH)".to_owned());
+        missing.push("chromium (not on PATH, nor WEBSOCKET_TEST_CHROMIUM)".to_owned());
     }
     if driver.is_none() {
-        missing.push("chromedriver (not on PATH)".to_owned());
+        missing.push("chromedriver (not on PATH, nor WEBSOCKET_TEST_CHROMEDRIVER)".to_owned());
     }
     if python.is_none() {
-        missing.push(format!("a Python with selenium (tried {pythons:?})"));
+        missing.push(format!(
+            "a Python with selenium (WEBSOCKET_TEST_PYTHON, else one of {pythons:?})"
+        ));
     }
     if let (Some(chromium), Some(driver), Some(python)) = (chromium, driver, python) {
         return Some((chromium, driver, python));
