@@ -83,9 +83,17 @@ pub struct ServerConfig {
     #[arg(long, env = "WEBSOCKET_TEST_SERVER_NAME")]
     pub server_name: Option<String>,
 
-    /// Send "hello from NAME" as the first (text) message of every connection
+    /// Send "hello from NAME" as the first (text) message of every connection (without it,
+    /// of those whose upgrade URL asks with `?hello`)
     #[arg(long, env = "WEBSOCKET_TEST_HELLO")]
     pub hello: bool,
+
+    /// Serve the browser probe page on GET /ui of the WebSocket port; `false` leaves only
+    /// the echo and the health check
+    #[arg(long, env = "WEBSOCKET_TEST_UI", value_name = "BOOL", default_value_t = true,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub ui: bool,
 
     /// Time a client has to send its complete upgrade request
     #[arg(long, env = "WEBSOCKET_TEST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
@@ -2247,6 +2255,22 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(off.liveness().bound(), None);
+    }
+
+    #[test]
+    fn the_browser_page_is_on_unless_switched_off() {
+        let ui = |args: &[&str]| {
+            let mut all = vec!["server"];
+            all.extend_from_slice(args);
+            ServerConfig::try_parse_from(all).unwrap().ui
+        };
+        assert!(ui(&[]));
+        assert!(ui(&["--ui"]));
+        assert!(ui(&["--ui", "true"]));
+        assert!(!ui(&["--ui", "false"]));
+        assert!(!ui(&["--ui=off"]));
+        assert!(!ui(&["--ui", "0"]));
+        assert!(ServerConfig::try_parse_from(["server", "--ui", "maybe"]).is_err());
     }
 
     #[test]

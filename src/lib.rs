@@ -24,6 +24,7 @@
 //! - [`logger`]: the binaries' stdout logger (a failed write drops the line, never panics).
 //! - `threads`: named helper threads that a drop stops and joins.
 //! - `tls`: rustls set-up for both sides: certificates, their reload, trust.
+//! - `ui`: the browser probe page (`src/ui/page.{html,css,js}`, embedded), served on `/ui`.
 //! - [`shutdown`], `net`, [`error`]: signalling, socket set-up, errors.
 //!
 //! Invariants: `websocket_connections` equals the number of entries in the server's
@@ -47,6 +48,7 @@ pub mod shutdown;
 mod stream;
 mod threads;
 mod tls;
+mod ui;
 
 pub use config::{ClientConfig, ServerConfig};
 pub use error::{Error, Result};

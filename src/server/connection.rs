@@ -49,8 +49,13 @@ pub struct Context {
     pub liveness: net::Liveness,
     /// Header lines for every answer (`X-Served-By: NAME`).
     pub answer_headers: String,
-    /// The first message of every connection (`--hello`).
-    pub hello: Option<String>,
+    /// `hello from NAME`: the first message of a connection whose upgrade asked for it
+    /// (`?hello`), or of every connection with `--hello`.
+    pub hello: String,
+    /// Send [`hello`](Self::hello) on every connection (`--hello`).
+    pub hello_always: bool,
+    /// Serve the browser probe page on `/ui` (`--ui`).
+    pub ui: bool,
     /// The memory budget for messages, shared by all connections.
     pub budget: Arc<crate::budget::Budget>,
     /// Set while the server drains: new upgrades and `GET /` get 503.
@@ -181,21 +186,23 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
     let opened = stream.tls_handshake(deadline).and_then(|()| {
         let answer = Answer {
             headers: &context.answer_headers,
+            ui: context.ui,
             draining: context.draining.load(std::sync::atomic::Ordering::SeqCst),
         };
         handshake::accept(&stream, &context.ws_path, &rules, &answer, deadline, admit)
     });
-    let leftover = match opened {
+    let (leftover, hello) = match opened {
         Ok(Handshake::Upgraded {
             leftover,
             client: forwarded,
             protocol,
+            hello,
         }) => {
             client = client.forwarded(forwarded);
             if let Some(protocol) = protocol {
                 debug!("Subprotocol for {client}: {protocol}");
             }
-            leftover
+            (leftover, hello || context.hello_always)
         }
         Ok(Handshake::Answered { status, message }) => {
             match &refused {
@@ -246,8 +253,9 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
     // Declared after `slot`, so dropped before it: the address's place is given back
     // after the connection has left the registry.
     let mut registration = context.registry.register(id, client, stream.clone());
-    if let Some(hello) = &context.hello {
-        if let Err(error) = socket.send(Message::text(hello.as_str())) {
+    if hello {
+        let hello = context.hello.as_str();
+        if let Err(error) = socket.send(Message::text(hello)) {
             registration.set_ending(Ending::from_ws_error(&error));
             return;
         }

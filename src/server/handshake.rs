@@ -1,5 +1,6 @@
 //! The HTTP/1.1 request that opens a connection: a WebSocket upgrade on the configured path,
-//! a health check on `/`, or an error with a status line that says what was wrong.
+//! a health check on `/`, the browser probe page on `/ui`, or an error with a status line
+//! that says what was wrong.
 //!
 //! [`decide`] is pure (bytes and [`Rules`] in, decision out) so it can be tested and
 //! fuzzed on its own; [`accept`] does the socket I/O around it under the handshake
@@ -34,6 +35,9 @@ pub enum Decision {
         protocol: Option<String>,
         /// The client: [`Rules::peer`], or the address a trusted proxy forwarded.
         client: SocketAddr,
+        /// The request's query asks for a hello (`?hello`): the first message says which
+        /// server this is, as `--hello` does for every connection.
+        hello: bool,
     },
     /// Answer with this response and close.
     Reply(Reply),
@@ -44,12 +48,15 @@ pub enum Decision {
 pub struct Reply {
     /// The status code.
     pub status: u16,
-    /// The one-line body: what happened or what was wrong.
+    /// The one-line body: what happened or what was wrong (for the browser page, what the
+    /// log line calls it).
     pub message: &'static str,
     /// Extra header lines, each ending in CRLF.
     pub headers: Cow<'static, str>,
     /// Whether to omit the body (a HEAD request).
     pub head_only: bool,
+    /// The browser page, sent as `text/html` instead of the message.
+    pub page: Option<String>,
 }
 
 impl Reply {
@@ -59,7 +66,23 @@ impl Reply {
             message,
             headers: Cow::Borrowed(""),
             head_only: false,
+            page: None,
         }
+    }
+
+    /// 200 with the browser probe page, for a server whose WebSocket path is `ws_path`,
+    /// asked for as `host`.
+    fn page(ws_path: &str, host: Option<&str>, head_only: bool) -> Self {
+        Reply {
+            head_only,
+            page: Some(crate::ui::page(ws_path)),
+            ..Reply::new(200, crate::ui::MESSAGE).with_headers(crate::ui::headers(host))
+        }
+    }
+
+    /// Whether this is the browser page.
+    pub fn is_page(&self) -> bool {
+        self.page.is_some()
     }
 
     /// 503 with `Retry-After`: the server cannot take another connection now.
@@ -94,9 +117,12 @@ impl Reply {
 
     /// The response with `more` header lines (each ending in CRLF).
     pub fn to_bytes_with(&self, more: &str) -> Vec<u8> {
-        let body = format!("{}\n", self.message);
+        let (content_type, body) = match &self.page {
+            Some(page) => ("text/html", Cow::Borrowed(page.as_str())),
+            None => ("text/plain", Cow::Owned(format!("{}\n", self.message))),
+        };
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n{}{more}\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: {content_type}; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n{}{more}\r\n",
             self.status,
             reason_phrase(self.status),
             body.len(),
@@ -110,13 +136,15 @@ impl Reply {
 }
 
 /// How the server answers whatever the rules decided: the headers it adds to every
-/// response, and whether it is draining.
+/// response, whether it serves the browser page, and whether it is draining.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Answer<'a> {
     /// Header lines (each ending in CRLF) for every response: `X-Served-By`.
     pub headers: &'a str,
-    /// The server is draining (a SIGTERM with --drain-delay): `GET /` and new upgrades get
-    /// 503 with `Retry-After`.
+    /// Serve the browser probe page on `/ui` (`--ui`); when false, `/ui` is 404.
+    pub ui: bool,
+    /// The server is draining (a SIGTERM with --drain-delay): `GET /`, the browser page and
+    /// new upgrades get 503 with `Retry-After`.
     pub draining: bool,
 }
 
@@ -178,8 +206,8 @@ pub fn decide(buf: &[u8], ws_path: &str, rules: &Rules<'_>) -> Decision {
         return Decision::Reply(Reply::new(505, "HTTP/1.1 required"));
     }
     let method = request.method.unwrap_or_default();
-    let path = request.path.unwrap_or_default();
-    let path = path.split('?').next().unwrap_or_default();
+    let target = request.path.unwrap_or_default();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
 
     if path == "/" && path != ws_path {
         return match method {
@@ -188,6 +216,16 @@ pub fn decide(buf: &[u8], ws_path: &str, rules: &Rules<'_>) -> Decision {
                 head_only: true,
                 ..Reply::new(200, "ok")
             }),
+            _ => Decision::Reply(
+                Reply::new(405, "method not allowed").with_headers("Allow: GET, HEAD\r\n"),
+            ),
+        };
+    }
+    if path == crate::ui::PATH && path != ws_path {
+        let host = header_values(request.headers, "Host").next();
+        return match method {
+            "GET" => Decision::Reply(Reply::page(ws_path, host, false)),
+            "HEAD" => Decision::Reply(Reply::page(ws_path, host, true)),
             _ => Decision::Reply(
                 Reply::new(405, "method not allowed").with_headers("Allow: GET, HEAD\r\n"),
             ),
@@ -230,6 +268,9 @@ pub fn decide(buf: &[u8], ws_path: &str, rules: &Rules<'_>) -> Decision {
         accept_key: tungstenite::handshake::derive_accept_key(key.as_bytes()),
         protocol: choose_subprotocol(request.headers, rules.subprotocols),
         client,
+        hello: query
+            .split('&')
+            .any(|pair| pair.split('=').next() == Some("hello")),
     }
 }
 
@@ -389,6 +430,8 @@ pub enum Handshake {
         client: SocketAddr,
         /// The subprotocol agreed on.
         protocol: Option<String>,
+        /// The client asked for a hello (`?hello`).
+        hello: bool,
     },
     /// Answered with a plain HTTP response; the connection is done.
     Answered {
@@ -455,6 +498,9 @@ pub fn accept(
             Err(error) => return Err(error),
         }
         let mut decision = decide(&buf, ws_path, rules);
+        if !answer.ui && matches!(&decision, Decision::Reply(reply) if reply.is_page()) {
+            decision = Decision::Reply(Reply::new(404, "not found"));
+        }
         if let Decision::Upgrade { client, .. } = &decision {
             if let Some(Err(reply)) = admit.take().map(|admit| admit(*client)) {
                 decision = Decision::Reply(reply);
@@ -481,6 +527,7 @@ pub fn accept(
                 accept_key,
                 protocol,
                 client,
+                hello,
             } => {
                 let protocol_line = protocol
                     .as_ref()
@@ -496,6 +543,7 @@ pub fn accept(
                     leftover: buf,
                     client,
                     protocol,
+                    hello,
                 });
             }
             Decision::Reply(reply) => {
@@ -545,8 +593,68 @@ mod tests {
                 accept_key: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into(),
                 protocol: None,
                 client: open().peer,
+                hello: false,
             }
         );
+    }
+
+    #[test]
+    fn a_hello_query_asks_for_the_servers_name() {
+        let hello = |target: &str| match decide(
+            upgrade_request("").replacen("/ws", target, 1).as_bytes(),
+            "/ws",
+            &open(),
+        ) {
+            Decision::Upgrade { hello, .. } => hello,
+            other => panic!("{target}: {other:?}"),
+        };
+        assert!(hello("/ws?hello"));
+        assert!(hello("/ws?hello=1"));
+        assert!(hello("/ws?x=2&hello"));
+        assert!(!hello("/ws"));
+        assert!(!hello("/ws?hellos"));
+        assert!(!hello("/ws?x=hello"));
+    }
+
+    #[test]
+    fn the_browser_page_is_served_on_ui() {
+        let request = |line: &str| format!("{line}\r\nHost: probe.example:8080\r\n\r\n");
+        let reply = |line: &str| match decide(request(line).as_bytes(), "/ws", &open()) {
+            Decision::Reply(reply) => reply,
+            other => panic!("{line}: {other:?}"),
+        };
+        let page = reply("GET /ui HTTP/1.1");
+        assert_eq!((page.status, page.head_only), (200, false));
+        let text = String::from_utf8(page.to_bytes()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"));
+        assert!(text
+            .contains("connect-src 'self' ws://probe.example:8080 wss://probe.example:8080\r\n"));
+        assert!(text.ends_with("</html>\n"), "{text}");
+        assert!(text.contains(r#"content="/ws">"#));
+        assert_eq!(reply("GET /ui?connections=3&silent=1 HTTP/1.1"), page);
+        let head = reply("HEAD /ui HTTP/1.1");
+        assert!(head.head_only && head.is_page());
+        let head = String::from_utf8(head.to_bytes()).unwrap();
+        assert!(text.starts_with(&head), "the same head, no body");
+        let post = reply("POST /ui HTTP/1.1");
+        assert_eq!((post.status, &*post.headers), (405, "Allow: GET, HEAD\r\n"));
+        for other in [
+            "GET /ui/ HTTP/1.1",
+            "GET /uix HTTP/1.1",
+            "GET /ui.js HTTP/1.1",
+        ] {
+            assert_eq!(reply(other).status, 404, "{other}");
+        }
+        // The health check is unchanged, and a WebSocket path of /ui wins over the page.
+        assert_eq!(reply("GET / HTTP/1.1").message, "ok");
+        assert!(matches!(
+            decide(
+                upgrade_request("").replacen("/ws", "/ui", 1).as_bytes(),
+                "/ui",
+                &open()
+            ),
+            Decision::Upgrade { .. }
+        ));
     }
 
     #[test]

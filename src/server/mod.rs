@@ -242,12 +242,12 @@ impl Server {
                 .as_ref()
                 .map(|name| format!("X-Served-By: {name}\r\n"))
                 .unwrap_or_default(),
-            hello: config.hello.then(|| {
-                format!(
-                    "hello from {}",
-                    identity.as_deref().unwrap_or("websocket-test")
-                )
-            }),
+            hello: format!(
+                "hello from {}",
+                identity.as_deref().unwrap_or("websocket-test")
+            ),
+            hello_always: config.hello,
+            ui: config.ui,
             draining: Arc::default(),
             budget: budget.clone(),
         });
@@ -279,6 +279,14 @@ impl Server {
             config.path
         );
         info!("Metrics on http://{metrics_addr}/metrics");
+        if config.ui {
+            let scheme = if config.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            info!("Browser probe page on {scheme}://{local_addr}/ui (off with --ui false)");
+        }
 
         shutdown.wait();
         metrics_server.set_not_ready();

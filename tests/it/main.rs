@@ -23,3 +23,4 @@ mod server;
 mod server_process;
 mod support;
 mod tls;
+mod ui;
