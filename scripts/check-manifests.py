@@ -3,11 +3,13 @@
 kubernetes-validate, promtool and hadolint). Needs PyYAML and jsonschema (the CI venv has both).
 
     check-manifests.py [--server-help FILE] [--client-help FILE] [--metrics-sample FILE]
+                       [--client-metrics-sample FILE]
     check-manifests.py --update      # regenerate monitoring/grafana-dashboard.yaml from the JSON
 
 --server-help/--client-help: the binaries' --help output, to check that every WEBSOCKET_TEST_*
-variable the manifests set is one the binary reads. --metrics-sample: a scrape of the server's
-/metrics, to check that every metric the alerts and the dashboard use exists.
+variable the manifests set is one the binary reads. --metrics-sample, --client-metrics-sample: a
+scrape of the server's and of the client's /metrics, to check that every metric the alerts and
+the dashboard use exists.
 """
 import argparse
 import copy
@@ -26,10 +28,19 @@ MONITORING = MANIFESTS / "monitoring"
 WSS = MANIFESTS / "wss"
 CERT_MANAGER = WSS / "cert-manager"
 NETWORK_POLICIES = MANIFESTS / "network-policies"
+LOAD_TEST = MANIFESTS / "load-test"
 DASHBOARD_JSON = MONITORING / "dashboards" / "websocket-test.json"
 DASHBOARD_CONFIGMAP = MONITORING / "grafana-dashboard.yaml"
 SERVICE = "websocket-test-server"
+# The Prometheus job labels the PodMonitors set and the alerts and the dashboard select.
 JOB = "websocket-test-server"
+CLIENT_JOB = "websocket-test-client"
+# The load-test Job's pods: app.kubernetes.io/component=load-client, not client, so the client
+# Deployment's selector does not match them; the client PodMonitor and NetworkPolicy pick both.
+LOAD_JOB = "websocket-test-load"
+LOAD_COMPONENT = "load-client"
+# Metrics renamed in the binaries: no query may use the old name.
+RENAMED_METRICS = {"websocket_connections_total": "websocket_connections_opened_total"}
 IMAGES = {"server": "ghcr.io/websocket-test/server", "client": "ghcr.io/websocket-test/client"}
 # Defaults of the binaries (src/config.rs) where the manifests leave a flag unset.
 DEFAULTS = {"WEBSOCKET_TEST_PORT": "3003", "WEBSOCKET_TEST_METRICS_PORT": "9100",
@@ -39,9 +50,14 @@ ABORT_GRACE_S = 1
 MEMORY_PER_CONNECTION_KIB = int(os.environ.get("MEMORY_PER_CONNECTION_KIB", "64"))
 # Memory the server needs beside its connections: the process at rest and messages in flight.
 MEMORY_HEADROOM_MIB = 64
+# What the client's load mode (--message-size) adds per connection: measured 221 KiB resident
+# (2,000 connections of the static client, 12 KiB each while only holding), most of it each
+# connection's round-trip histogram.
+MEMORY_LOAD_MODE_KIB = int(os.environ.get("MEMORY_LOAD_MODE_KIB", "256"))
 CORE_API_VERSIONS = {"v1", "apps/v1", "policy/v1"}
 REQUIRED_ALERTS = {"WebSocketTestNoConnections", "WebSocketTestTooManyConnections",
-                   "WebSocketTestMetricsDown"}
+                   "WebSocketTestMetricsDown", "WebSocketTestClientNotConnected",
+                   "WebSocketTestClientConnectionsLost", "WebSocketTestClientConnectionsDiedSilent"}
 
 failures = []
 passes = 0
@@ -73,8 +89,25 @@ def where(doc):
 
 
 def selects(selector, labels):
-    """matchLabels only: the manifests use no matchExpressions (checked)."""
+    """matchLabels only: the workloads' own selectors use no matchExpressions (checked)."""
     return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
+
+
+def selects_pods(selector, labels):
+    """A whole LabelSelector (matchLabels and matchExpressions, as PodMonitors and NetworkPolicies
+    may use) against pod labels; an empty selector selects nothing here (it would select all)."""
+    expressions = selector.get("matchExpressions", [])
+    if not selector.get("matchLabels") and not expressions:
+        return False
+    if not all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in expressions:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if not {"In": present and labels[key] in values, "NotIn": not present or labels[key] not in values,
+                "Exists": present, "DoesNotExist": not present}[operator]:
+            return False
+    return True
 
 
 def parse_duration_s(text):
@@ -401,25 +434,31 @@ def resolve_port(container, port):
     return container_port(container, port)
 
 
-def check_network_policies(policies, deployments, service, label):
-    """manifests/network-policies/ against the Deployments of `label` (manifests/ or wss/): the
-    selectors pick the server or the client pods, the ports are the server's, and nothing but
-    the design's traffic is allowed (see the file's header)."""
+def check_network_policies(policies, deployments, service, label, load_job=None):
+    """manifests/network-policies/ against the Deployments of `label` (manifests/ or wss/) and the
+    load-test Job: the selectors pick the server pods, or the client pods of both the client
+    Deployment and the Job; the ports are the pods' own; and nothing but the design's traffic is
+    allowed (see the file's header)."""
     pod_labels = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
     server = deployments["websocket-test-server"]["spec"]["template"]["spec"]["containers"][0]
+    client = deployments["websocket-test-client"]["spec"]["template"]["spec"]["containers"][0]
+    load_labels = load_job["spec"]["template"]["metadata"]["labels"] if load_job else None
     by_role = {}
     for policy in policies:
         what = f"{where(policy)} ({label})"
         spec = policy["spec"]
         selector = spec.get("podSelector", {})
-        check(set(selector) == {"matchLabels"}, f"{what}: podSelector: use matchLabels only")
-        picked = [n for n in pod_labels if selects(selector.get("matchLabels"), pod_labels[n])]
+        check(set(selector) <= {"matchLabels", "matchExpressions"}, f"{what}: podSelector: matchLabels and matchExpressions only")
+        picked = [n for n in pod_labels if selects_pods(selector, pod_labels[n])]
         if check(len(picked) == 1, f"{what}: podSelector must pick exactly one Deployment's pods, picks {picked}"):
             role = picked[0].rsplit("-", 1)[1]
             check(role not in by_role, f"{what}: a second policy for the {role} pods")
             by_role[role] = policy
             check(policy["metadata"].get("labels", {}).get("app.kubernetes.io/component") == role,
                   f"{what}: app.kubernetes.io/component must be {role}")
+            if load_labels is not None:
+                check(selects_pods(selector, load_labels) == (role == "client"),
+                      f"{what}: the load-test Job's pods are client pods: the client policy, and only it, must select them")
         for direction in ("ingress", "egress"):
             for rule in spec.get(direction, []):
                 for port in rule.get("ports", []):
@@ -448,7 +487,20 @@ def check_network_policies(policies, deployments, service, label):
     what = f"{where(by_role['client'])} ({label})"
     spec = by_role["client"]["spec"]
     check(sorted(spec.get("policyTypes", [])) == ["Egress", "Ingress"], f"{what}: policyTypes must be Ingress and Egress")
-    check(not spec.get("ingress"), f"{what}: no ingress rules: nothing connects to the client")
+    client_metrics = resolve_port(client, "metrics")
+    allowed = {}
+    for rule in spec.get("ingress", []):
+        for port in rule.get("ports", []) or [{"port": None}]:
+            number = resolve_port(client, port["port"]) if port["port"] is not None else "every port"
+            check(number is not None, f"{what}: port {port['port']} is none of the client container's ports")
+            allowed.setdefault(number, []).append(rule.get("from"))
+    check(client_metrics is not None and allowed == {client_metrics: [[{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: MONITORING_NAMESPACE}}}]]},
+          f"{what}: ingress must be one rule: the client's metrics port ({client_metrics}) from the namespace "
+          f"{MONITORING_NAMESPACE} only (namespaceSelector {NAMESPACE_NAME_LABEL}: {MONITORING_NAMESPACE}); nothing else connects to a client")
+    if load_job is not None:
+        load_container = load_job["spec"]["template"]["spec"]["containers"][0]
+        check(resolve_port(load_container, "metrics") == client_metrics,
+              f"{what}: the load-test pods' metrics port must be the client Deployment's ({client_metrics}), which the rule opens by name")
     egress = spec.get("egress", [])
     to_server = [r for r in egress if r.get("to") and all(set(peer) == {"podSelector"} for peer in r["to"])]
     to_dns = [r for r in egress if r.get("to") == [DNS_PEER]]
@@ -456,8 +508,8 @@ def check_network_policies(policies, deployments, service, label):
           f"{what}: egress must be two rules: to the server pods, and to kube-dns in kube-system")
     if to_server:
         peers = to_server[0]["to"]
-        check(all(selects(p["podSelector"].get("matchLabels"), pod_labels["websocket-test-server"])
-                  and not selects(p["podSelector"].get("matchLabels"), pod_labels["websocket-test-client"]) for p in peers),
+        check(all(selects_pods(p["podSelector"], pod_labels["websocket-test-server"])
+                  and not selects_pods(p["podSelector"], pod_labels["websocket-test-client"]) for p in peers),
               f"{what}: the egress rule's podSelector must pick the server pods only")
         # Policies see the pod's port after the Service's translation: the targetPort.
         target = next((p.get("targetPort", p["port"]) for p in service["spec"]["ports"] if p.get("name") == "websocket"), None)
@@ -493,12 +545,124 @@ def metric_names(expr):
     return set(re.findall(r"\b((?:websocket|process)_[a-z_]+)\b", expr))
 
 
+def metric_job(name):
+    """The job whose pods export metric `name`: the client's are websocket_client_*."""
+    return CLIENT_JOB if name.startswith("websocket_client_") else JOB
+
+
+def check_job_selected(what, expr):
+    """Every selector of a query names the job of its metric: job="websocket-test-server" for
+    the server's metrics (and process_*), job="websocket-test-client" for websocket_client_*."""
+    selectors = re.findall(r"\b((?:websocket|process|up)[a-z_]*)\{([^}]*)\}", expr)
+    check(selectors, f"{what}: no selector in {expr}")
+    for name, labels in selectors:
+        if name == "up":
+            check(re.search(r'job="(websocket-test-server|websocket-test-client)"', labels),
+                  f'{what}: up{{...}} must select job="{JOB}" or "{CLIENT_JOB}": {expr}')
+        else:
+            check(f'job="{metric_job(name)}"' in labels, f'{what}: {name} must select job="{metric_job(name)}": {expr}')
+
+
+def check_pod(workload, role, want_version, env_known):
+    """The pod template of a Deployment or Job: security, the image, resources, variable names."""
+    pod = workload["spec"]["template"]["spec"]
+    check(pod.get("enableServiceLinks") is False, f"{where(workload)}: enableServiceLinks must be false (WEBSOCKET_TEST_* collisions)")
+    check(pod.get("automountServiceAccountToken") is False, f"{where(workload)}: automountServiceAccountToken should be false")
+    psc = pod.get("securityContext", {})
+    check(psc.get("runAsNonRoot") is True and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+          f"{where(workload)}: pod securityContext needs runAsNonRoot and seccomp RuntimeDefault")
+    check(psc.get("runAsUser") == 65532 and psc.get("runAsGroup") == 65532,
+          f"{where(workload)}: run as 65532:65532, the image's user")
+    check(len(pod["containers"]) == 1, f"{where(workload)}: one container expected")
+    for container in pod["containers"]:
+        what = f"{where(workload)} container {container['name']}"
+        check(container.get("image") == f"{IMAGES[role]}:{want_version}",
+              f"{what}: image {container.get('image')} != {IMAGES[role]}:{want_version}")
+        check("command" not in container, f"{what}: no command: the image's ENTRYPOINT is the binary")
+        sc = container.get("securityContext", {})
+        check(sc.get("allowPrivilegeEscalation") is False, f"{what}: allowPrivilegeEscalation must be false")
+        check(sc.get("readOnlyRootFilesystem") is True, f"{what}: readOnlyRootFilesystem must be true")
+        check(sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc.get("capabilities", {}).get("add"),
+              f"{what}: capabilities must drop ALL and add none")
+        check(sc.get("privileged") in (None, False), f"{what}: must not be privileged")
+        resources = container.get("resources", {})
+        for kind in ("requests", "limits"):
+            check({"cpu", "memory"} <= set(resources.get(kind, {})), f"{what}: needs cpu and memory {kind}")
+        if {"cpu", "memory"} <= set(resources.get("requests", {})) and {"cpu", "memory"} <= set(resources.get("limits", {})):
+            check(quantity_bytes(resources["requests"]["memory"]) <= quantity_bytes(resources["limits"]["memory"])
+                  and quantity_cpu(resources["requests"]["cpu"]) <= quantity_cpu(resources["limits"]["cpu"]),
+                  f"{what}: requests exceed limits")
+        for env in container.get("env", []):
+            if role in env_known and env["name"].startswith("WEBSOCKET_TEST_"):
+                check(env["name"] in env_known[role], f"{what}: {role} does not read {env['name']} (not in its --help)")
+
+
+def check_client_metrics(workload, container):
+    """A client pod serves its metrics: WEBSOCKET_TEST_METRICS_PORT set (the client's metrics
+    port is off by default), the container port named metrics, /readyz as readiness probe, and
+    the prometheus.io annotations. Returns the port."""
+    what = f"{where(workload)} container {container['name']}"
+    port = next((env.get("value") for env in container.get("env", []) if env["name"] == "WEBSOCKET_TEST_METRICS_PORT"), None)
+    if not check(port is not None and str(port).isdigit(), f"{what}: set WEBSOCKET_TEST_METRICS_PORT (the client serves no metrics without it)"):
+        return None
+    port = int(port)
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    check(ports == {"metrics": port}, f"{what}: container ports {ports} != what the client listens on (metrics {port})")
+    get = container.get("readinessProbe", {}).get("httpGet", {})
+    check(get.get("path") == "/readyz" and container_port(container, get.get("port")) == port,
+          f"{what}: readinessProbe must GET /readyz on the metrics port")
+    annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+    check(annotations.get("prometheus.io/scrape") == "true" and annotations.get("prometheus.io/port") == str(port)
+          and annotations.get("prometheus.io/path") == "/metrics",
+          f"{where(workload)}: prometheus.io/scrape, port {port} and path /metrics annotations")
+    return port
+
+
+def check_load_job(job, client_metrics_port, service_ports, server_values, want_version, env_known):
+    """manifests/load-test/: an Indexed Job of client pods, all running at once, pointed at the
+    Service like the client Deployment, each sized for its connections."""
+    spec = job["spec"]
+    check(spec.get("completionMode") == "Indexed", f"{where(job)}: completionMode must be Indexed")
+    check(spec.get("completions") == spec.get("parallelism") and spec.get("completions", 0) >= 1,
+          f"{where(job)}: completions ({spec.get('completions')}) must equal parallelism ({spec.get('parallelism')}): every pod at once")
+    check("backoffLimitPerIndex" in spec, f"{where(job)}: set backoffLimitPerIndex, so one failed pod does not end the others")
+    labels = spec["template"]["metadata"].get("labels", {})
+    check(labels.get("app.kubernetes.io/name") == "websocket-test" and labels.get("app.kubernetes.io/component") == LOAD_COMPONENT
+          and job["metadata"].get("labels", {}).get("app.kubernetes.io/component") == LOAD_COMPONENT,
+          f"{where(job)}: the Job and its pods need app.kubernetes.io/component={LOAD_COMPONENT}")
+    pod = spec["template"]["spec"]
+    check(pod.get("restartPolicy") == "Never", f"{where(job)}: restartPolicy must be Never (backoffLimitPerIndex needs it)")
+    check_pod(job, "client", want_version, env_known)
+    container = pod["containers"][0]
+    what = f"{where(job)} container {container['name']}"
+    values = settings(container)
+    check(values.get("WEBSOCKET_TEST_HOST") == SERVICE and int(values["WEBSOCKET_TEST_PORT"]) == service_ports["websocket"]["port"]
+          and values["WEBSOCKET_TEST_PATH"] == server_values["WEBSOCKET_TEST_PATH"],
+          f"{what}: must connect to the Service {SERVICE}, its websocket port and the server's path")
+    check(check_client_metrics(job, container) == client_metrics_port,
+          f"{what}: the metrics port must be the client Deployment's (one PodMonitor and NetworkPolicy serve both)")
+    connections = values.get("WEBSOCKET_TEST_CONNECTIONS")
+    if check(connections is not None and connections.isdigit() and values.get("WEBSOCKET_TEST_RAMP"),
+             f"{what}: set WEBSOCKET_TEST_CONNECTIONS and WEBSOCKET_TEST_RAMP (the parameters)"):
+        per_connection = MEMORY_PER_CONNECTION_KIB + (MEMORY_LOAD_MODE_KIB if "WEBSOCKET_TEST_MESSAGE_SIZE" in values else 0)
+        need = int(connections) * per_connection * 1024 + (MEMORY_HEADROOM_MIB << 20)
+        limit = quantity_bytes(container["resources"]["limits"]["memory"])
+        check(limit >= need, f"{what}: memory limit {limit >> 20} MiB < {connections} connections x "
+                             f"{per_connection} KiB + {MEMORY_HEADROOM_MIB} MiB = {need >> 20} MiB"
+                             f"{' (load mode)' if per_connection > MEMORY_PER_CONNECTION_KIB else ''}")
+    duration = values.get("WEBSOCKET_TEST_DURATION")
+    if check(duration is not None, f"{what}: set WEBSOCKET_TEST_DURATION, so the pods finish and the Job completes"):
+        check(spec.get("activeDeadlineSeconds", 0) > parse_duration_s(duration),
+              f"{where(job)}: activeDeadlineSeconds {spec.get('activeDeadlineSeconds')} must exceed WEBSOCKET_TEST_DURATION {duration}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--update", action="store_true")
     parser.add_argument("--server-help")
     parser.add_argument("--client-help")
     parser.add_argument("--metrics-sample")
+    parser.add_argument("--client-metrics-sample")
     args = parser.parse_args()
     if args.update:
         DASHBOARD_CONFIGMAP.write_text(dashboard_configmap_text())
@@ -514,19 +678,25 @@ def main():
         check(path.suffix == ".yaml", f"{path.relative_to(ROOT)}: kubectl apply -f on the folder would read it; only .yaml manifests belong there")
     top = [doc for path in top_files if path.suffix == ".yaml" for doc in load(path)]
     mon = [doc for path in mon_files if path.suffix == ".yaml" for doc in load(path)]
-    # Applied on their own: manifests/wss/ instead of manifests/, cert-manager/ and
-    # network-policies/ in addition.
+    # Applied on their own: manifests/wss/ instead of manifests/, cert-manager/,
+    # network-policies/ and load-test/ in addition.
     wss_files = sorted(p for p in WSS.iterdir() if p.is_file())
     cm_files = sorted(p for p in CERT_MANAGER.iterdir() if p.is_file())
     np_files = sorted(p for p in NETWORK_POLICIES.iterdir() if p.is_file())
-    for path in wss_files + cm_files + np_files:
+    load_files = sorted(p for p in LOAD_TEST.iterdir() if p.is_file())
+    for path in wss_files + cm_files + np_files + load_files:
         check(path.suffix == ".yaml", f"{path.relative_to(ROOT)}: kubectl apply -f on the folder would read it; only .yaml manifests belong there")
     wss_docs = [doc for path in wss_files if path.suffix == ".yaml" for doc in load(path)]
     cm_docs = [doc for path in cm_files if path.suffix == ".yaml" for doc in load(path)]
     np_docs = [doc for path in np_files if path.suffix == ".yaml" for doc in load(path)]
-    for doc in wss_docs + cm_docs + np_docs:
+    load_docs = [doc for path in load_files if path.suffix == ".yaml" for doc in load(path)]
+    for doc in wss_docs + cm_docs + np_docs + load_docs:
         if not check({"apiVersion", "kind", "metadata"} <= set(doc), f"{doc['__file']}: a document without apiVersion, kind or metadata"):
             return report()
+    load_jobs = [doc for doc in load_docs if doc["apiVersion"] == "batch/v1" and doc["kind"] == "Job"]
+    check(len(load_jobs) == len(load_docs) == 1 and load_jobs[0]["metadata"]["name"] == LOAD_JOB,
+          f"{LOAD_TEST.relative_to(ROOT)}: one batch/v1 Job, {LOAD_JOB}, and nothing else")
+    load_job = load_jobs[0] if len(load_jobs) == 1 else None
     for doc in wss_docs:
         check(doc["apiVersion"] in CORE_API_VERSIONS, f"{where(doc)}: core kinds only in wss/ (cert-manager's go in wss/cert-manager/)")
     for doc in cm_docs:
@@ -548,7 +718,7 @@ def main():
     by_kind = {}
     for doc in top + mon:
         by_kind.setdefault(doc["kind"], []).append(doc)
-    for doc in top + mon + wss_docs + cm_docs + np_docs:
+    for doc in top + mon + wss_docs + cm_docs + np_docs + load_docs:
         labels = doc["metadata"].get("labels", {})
         check(labels.get("app.kubernetes.io/name") == "websocket-test" and labels.get("app.kubernetes.io/part-of") == "websocket-test",
               f"{where(doc)}: needs labels app.kubernetes.io/name and part-of = websocket-test")
@@ -580,45 +750,20 @@ def main():
             check(len(env_known[role]) > 5, f"{path}: no [env: ...] entries found in the --help output")
     for name, deployment in deployments.items():
         role = name.rsplit("-", 1)[1]
-        spec, pod = deployment["spec"], deployment["spec"]["template"]["spec"]
+        spec = deployment["spec"]
         selector = spec["selector"]
         check(set(selector) == {"matchLabels"}, f"{where(deployment)}: use matchLabels only")
         check(selects(selector.get("matchLabels"), pod_labels[name]), f"{where(deployment)}: selector does not match its pod labels")
         other = [o for o in deployments if o != name]
         check(not any(selects(selector.get("matchLabels"), pod_labels[o]) for o in other),
               f"{where(deployment)}: selector also matches the pods of {other}")
+        if load_job is not None:
+            check(not selects(selector.get("matchLabels"), load_job["spec"]["template"]["metadata"]["labels"]),
+                  f"{where(deployment)}: selector also matches the pods of the load-test Job {LOAD_JOB}")
         check(deployment["metadata"].get("labels", {}).get("app.kubernetes.io/component") == role
               and pod_labels[name].get("app.kubernetes.io/component") == role,
               f"{where(deployment)}: app.kubernetes.io/component must be {role}")
-        check(pod.get("enableServiceLinks") is False, f"{where(deployment)}: enableServiceLinks must be false (WEBSOCKET_TEST_* collisions)")
-        check(pod.get("automountServiceAccountToken") is False, f"{where(deployment)}: automountServiceAccountToken should be false")
-        psc = pod.get("securityContext", {})
-        check(psc.get("runAsNonRoot") is True and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
-              f"{where(deployment)}: pod securityContext needs runAsNonRoot and seccomp RuntimeDefault")
-        check(psc.get("runAsUser") == 65532 and psc.get("runAsGroup") == 65532,
-              f"{where(deployment)}: run as 65532:65532, the image's user")
-        check(len(pod["containers"]) == 1, f"{where(deployment)}: one container expected")
-        for container in pod["containers"]:
-            what = f"{where(deployment)} container {container['name']}"
-            check(container.get("image") == f"{IMAGES[role]}:{want_version}",
-                  f"{what}: image {container.get('image')} != {IMAGES[role]}:{want_version}")
-            check("command" not in container, f"{what}: no command: the image's ENTRYPOINT is the binary")
-            sc = container.get("securityContext", {})
-            check(sc.get("allowPrivilegeEscalation") is False, f"{what}: allowPrivilegeEscalation must be false")
-            check(sc.get("readOnlyRootFilesystem") is True, f"{what}: readOnlyRootFilesystem must be true")
-            check(sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc.get("capabilities", {}).get("add"),
-                  f"{what}: capabilities must drop ALL and add none")
-            check(sc.get("privileged") in (None, False), f"{what}: must not be privileged")
-            resources = container.get("resources", {})
-            for kind in ("requests", "limits"):
-                check({"cpu", "memory"} <= set(resources.get(kind, {})), f"{what}: needs cpu and memory {kind}")
-            if {"cpu", "memory"} <= set(resources.get("requests", {})) and {"cpu", "memory"} <= set(resources.get("limits", {})):
-                check(quantity_bytes(resources["requests"]["memory"]) <= quantity_bytes(resources["limits"]["memory"])
-                      and quantity_cpu(resources["requests"]["cpu"]) <= quantity_cpu(resources["limits"]["cpu"]),
-                      f"{what}: requests exceed limits")
-            for env in container.get("env", []):
-                if role in env_known and env["name"].startswith("WEBSOCKET_TEST_"):
-                    check(env["name"] in env_known[role], f"{what}: {role} does not read {env['name']} (not in its --help)")
+        check_pod(deployment, role, want_version, env_known)
 
     # --- The server: ports, probes, shutdown timing, memory, scraping -----------------------
     pod = server["spec"]["template"]["spec"]
@@ -647,6 +792,10 @@ def main():
     check(annotations.get("prometheus.io/scrape") == "true" and annotations.get("prometheus.io/port") == str(metrics_port)
           and annotations.get("prometheus.io/path") == "/metrics",
           f"{where(server)}: prometheus.io/scrape, port {metrics_port} and path /metrics annotations")
+    # The server's name (X-Served-By, the clients' backend label) defaults to $POD_NAME.
+    pod_name = next((env for env in container.get("env", []) if env["name"] == "POD_NAME"), {})
+    check(pod_name.get("valueFrom") == {"fieldRef": {"fieldPath": "metadata.name"}},
+          f"{where(server)}: set POD_NAME from the downward API (fieldRef metadata.name), so X-Served-By names the pod")
 
     # --- The Service: type, selector, named ports that agree with the server's ---------------
     spec = service["spec"]
@@ -669,6 +818,11 @@ def main():
     check(int(cvalues["WEBSOCKET_TEST_PORT"]) == service_ports["websocket"]["port"],
           f"{where(client)}: port {cvalues['WEBSOCKET_TEST_PORT']} != the Service's websocket port")
     check(cvalues["WEBSOCKET_TEST_PATH"] == values["WEBSOCKET_TEST_PATH"], f"{where(client)}: path differs from the server's")
+    client_container = client["spec"]["template"]["spec"]["containers"][0]
+    client_metrics_port = check_client_metrics(client, client_container)
+    if load_job is not None:
+        check_load_job(load_job, client_metrics_port, service_ports, values, want_version, env_known)
+    client_pod_labels = [pod_labels["websocket-test-client"]] + ([load_job["spec"]["template"]["metadata"]["labels"]] if load_job else [])
 
     for pdb in by_kind.get("PodDisruptionBudget", []):
         check(selects(pdb["spec"]["selector"].get("matchLabels"), pod_labels["websocket-test-server"]),
@@ -677,22 +831,44 @@ def main():
               f"{where(pdb)}: minAvailable must be below the server's replicas, or no node can drain")
 
     # --- Monitoring: PodMonitor, alerts, dashboard ------------------------------------------
-    sample_names = None
-    if args.metrics_sample:
-        sample_names = {re.split(r"[{ ]", line, 1)[0] for line in Path(args.metrics_sample).read_text().splitlines()
-                        if line and not line.startswith("#")}
-        check("websocket_connections" in sample_names, f"{args.metrics_sample}: no websocket_connections")
+    # Metric names each job exports, from a scrape of each binary (when given): a name is
+    # checked against the sample of the job whose metrics it belongs to.
+    samples = {}
+    for job, path, must in ((JOB, args.metrics_sample, "websocket_connections"),
+                            (CLIENT_JOB, args.client_metrics_sample, "websocket_client_disconnects_total")):
+        if path:
+            samples[job] = {re.split(r"[{ ]", line, 1)[0] for line in Path(path).read_text().splitlines()
+                            if line and not line.startswith("#")}
+            check(must in samples[job], f"{path}: no {must}")
+
+    def unknown_metrics(expr):
+        names = metric_names(expr)
+        for name in sorted(set(names) & set(RENAMED_METRICS)):
+            check(False, f"{name} was renamed {RENAMED_METRICS[name]}: {expr}")
+        return sorted(n for n in names if metric_job(n) in samples and n not in samples[metric_job(n)])
+
     monitors = by_kind.get("PodMonitor", []) + by_kind.get("ServiceMonitor", [])
-    check(len(monitors) == 1, "monitoring/: one PodMonitor expected")
+    check(len(monitors) == 2 and not by_kind.get("ServiceMonitor"), "monitoring/: two PodMonitors expected, the server's and the clients'")
+    monitored = {}
     for monitor in by_kind.get("PodMonitor", []):
-        check(selects(monitor["spec"]["selector"].get("matchLabels"), pod_labels["websocket-test-server"])
-              and not selects(monitor["spec"]["selector"].get("matchLabels"), pod_labels["websocket-test-client"]),
-              f"{where(monitor)}: selector must match the server pods only")
+        selector = monitor["spec"]["selector"]
+        server_pods = selects_pods(selector, pod_labels["websocket-test-server"])
+        client_pods = [selects_pods(selector, labels) for labels in client_pod_labels]
+        if server_pods:
+            check(not any(client_pods), f"{where(monitor)}: selector must match the server pods only")
+            role, job, port = "server", JOB, metrics_port
+        else:
+            check(all(client_pods), f"{where(monitor)}: selector must match the server pods, or all client pods "
+                                    f"(the client Deployment's and the load-test Job's)")
+            role, job, port = "client", CLIENT_JOB, client_metrics_port
+        check(role not in monitored, f"{where(monitor)}: a second PodMonitor for the {role} pods")
+        monitored[role] = monitor
+        scraped = container if role == "server" else client_container
         for endpoint in monitor["spec"]["podMetricsEndpoints"]:
-            check(container_port(container, endpoint.get("port")) == metrics_port and endpoint.get("path", "/metrics") == "/metrics",
-                  f"{where(monitor)}: must scrape the server's metrics port, /metrics")
+            check(container_port(scraped, endpoint.get("port")) == port and endpoint.get("path", "/metrics") == "/metrics",
+                  f"{where(monitor)}: must scrape the {role}'s metrics port, /metrics")
             jobs = [r.get("replacement") for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"]
-            check(jobs == [JOB], f'{where(monitor)}: must set job="{JOB}", which the alerts and dashboard select')
+            check(jobs == [job], f'{where(monitor)}: must set job="{job}", which the alerts and dashboard select')
     alerts = {}
     for rule_doc in by_kind.get("PrometheusRule", []):
         for group in rule_doc["spec"]["groups"]:
@@ -702,11 +878,11 @@ def main():
     check(REQUIRED_ALERTS <= set(alerts), f"monitoring/: missing alerts {sorted(REQUIRED_ALERTS - set(alerts))}")
     for name, rule in alerts.items():
         expr = str(rule["expr"])
-        check(f'job="{JOB}"' in expr, f"alert {name}: select job=\"{JOB}\"")
+        check_job_selected(f"alert {name}", expr)
         check({"summary", "description"} <= set(rule.get("annotations", {})) and "severity" in rule.get("labels", {}),
               f"alert {name}: needs a severity label and summary/description annotations")
-        if sample_names is not None:
-            check(metric_names(expr) <= sample_names, f"alert {name}: unknown metrics {sorted(metric_names(expr) - sample_names)}")
+        unknown = unknown_metrics(expr)
+        check(not unknown, f"alert {name}: unknown metrics {unknown}")
     too_many = alerts.get("WebSocketTestTooManyConnections")
     if too_many and max_connections:
         threshold = re.search(r">\s*(\d+)", str(too_many["expr"]))
@@ -719,9 +895,13 @@ def main():
     used = set().union(*map(metric_names, exprs))
     check({"websocket_connections", "process_resident_memory_bytes", "process_cpu_seconds_total"} <= used,
           f"{DASHBOARD_JSON.name}: must chart the connection gauge and the process metrics")
-    check(all(f'job="{JOB}"' in e for e in exprs), f"{DASHBOARD_JSON.name}: every query must select job=\"{JOB}\"")
-    if sample_names is not None:
-        check(used <= sample_names, f"{DASHBOARD_JSON.name}: unknown metrics {sorted(used - sample_names)}")
+    check({"websocket_client_connections", "websocket_client_backend_connections", "websocket_client_disconnects_total",
+           "websocket_client_connection_duration_seconds_bucket", "websocket_connections_closed_total"} <= used,
+          f"{DASHBOARD_JSON.name}: must chart the clients' connections, backends, disconnects and lifetimes, and the servers' ends")
+    for expr in exprs:
+        check_job_selected(DASHBOARD_JSON.name, expr)
+    unknown = sorted(set().union(*map(unknown_metrics, exprs)))
+    check(not unknown, f"{DASHBOARD_JSON.name}: unknown metrics {unknown}")
     ids = [p["id"] for p in dashboard["panels"]]
     check(len(ids) == len(set(ids)), f"{DASHBOARD_JSON.name}: panel ids must be unique")
     check(DASHBOARD_CONFIGMAP.exists() and DASHBOARD_CONFIGMAP.read_text() == dashboard_configmap_text(),
@@ -729,11 +909,11 @@ def main():
 
     # --- wss variant, cert-manager example, NetworkPolicies ------------------------------------
     check_wss(top, wss_docs, cm_docs, env_known)
-    check_network_policies(np_docs, deployments, service, "manifests/")
+    check_network_policies(np_docs, deployments, service, "manifests/", load_job)
     wss_deployments = {d["metadata"]["name"]: d for d in wss_docs if d["kind"] == "Deployment"}
     wss_service = next((d for d in wss_docs if d["kind"] == "Service" and d["metadata"]["name"] == SERVICE), None)
     if set(wss_deployments) == set(deployments) and wss_service:
-        check_network_policies(np_docs, wss_deployments, wss_service, "wss/")
+        check_network_policies(np_docs, wss_deployments, wss_service, "wss/", load_job)
     return report()
 
 

@@ -19,6 +19,7 @@ mod nginx;
 mod pki;
 mod probe;
 mod process;
+mod prometheus;
 mod server;
 mod server_process;
 mod support;

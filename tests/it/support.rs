@@ -772,3 +772,46 @@ pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
 }
+
+/// An external program a test needs (nginx, prometheus): the path in the environment variable
+/// `path_var` if set; else the first of `candidates` that exists; else `program` as
+/// [`find_program`] finds it. Missing, the test fails with `install` as advice, unless outside
+/// CI one of the variables `skip_vars` is `1`: then `None`, said loudly on stderr, and the test
+/// skips.
+pub fn external_program(
+    program: &str,
+    path_var: &str,
+    candidates: &[std::path::PathBuf],
+    skip_vars: &[&str],
+    install: &str,
+) -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os(path_var) {
+        let path = std::path::PathBuf::from(path);
+        assert!(path.is_file(), "{path_var}={path:?} is not a file");
+        return Some(path);
+    }
+    if let Some(path) = candidates.iter().find(|path| path.is_file()) {
+        return Some(path.clone());
+    }
+    if let Some(path) = find_program(program) {
+        return Some(path);
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+    if let Some(skip_var) = skip_vars
+        .iter()
+        .find(|var| std::env::var(var).as_deref() == Ok("1"))
+    {
+        assert!(
+            !ci,
+            "{program} is not installed and CI is set: {skip_var} is not honoured in CI; {install}"
+        );
+        // Straight to stderr: the test harness captures eprintln! of a passing test.
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n!!!!! SKIPPED: {program} is not installed and {skip_var}=1: a test that needs it \
+             did not run; {install}\n"
+        );
+        return None;
+    }
+    panic!("{program} is not installed: {install}");
+}
