@@ -32,6 +32,7 @@
 //! more is written to a socket; every wait is bounded or wakes on shutdown.
 
 mod activity;
+mod boundary;
 mod budget;
 pub mod client;
 pub mod config;
@@ -43,6 +44,7 @@ pub mod http;
 pub mod logger;
 mod metrics;
 mod net;
+mod repeats;
 pub mod server;
 pub mod shutdown;
 mod stream;

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use crate::boundary::Boundaries;
+
 /// Ciphertext read from the socket per system call (a TLS record is at most ~16 KiB).
 const TLS_READ_CHUNK: usize = 4096;
 
@@ -377,6 +379,7 @@ pub struct WsStream {
     /// What the message being read holds of the server's memory budget.
     account: Option<crate::budget::Account>,
     ahead: ReadAhead,
+    boundaries: Boundaries,
 }
 
 /// Largest read-ahead buffer: a 64 KiB message arrives in one or two reads, and the
@@ -405,7 +408,18 @@ impl WsStream {
             bytes_read: 0,
             account: None,
             ahead: ReadAhead::default(),
+            boundaries: Boundaries::default(),
         }
+    }
+
+    /// Serves `leftover` (bytes that came with the upgrade request) before reading the socket.
+    pub fn after(mut self, leftover: Vec<u8>) -> Self {
+        self.ahead = ReadAhead {
+            buf: leftover,
+            start: 0,
+            eager: false,
+        };
+        self
     }
 
     /// The owner's half of `shared`, its messages charged to `budget`: a read whose bytes
@@ -428,6 +442,13 @@ impl WsStream {
             account.settled();
         }
     }
+
+    /// True when everything read so far belongs to the first `taken` messages (control
+    /// frames included), all of them whole: a reader that took exactly that many holds none
+    /// of the peer's bytes.
+    pub fn all_taken(&self, taken: u64) -> bool {
+        self.boundaries.all_taken(taken)
+    }
 }
 
 impl WsStream {
@@ -444,6 +465,14 @@ impl WsStream {
 
 impl Read for WsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.read_ahead(buf)?;
+        self.boundaries.pass(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl WsStream {
+    fn read_ahead(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let ahead = &mut self.ahead;
         if ahead.start == ahead.buf.len() {
             if !ahead.eager {

@@ -13,6 +13,7 @@ use hdrhistogram::Histogram;
 use super::idle::IdleLimit;
 use crate::ending::Reason;
 use crate::metrics;
+use crate::repeats::Repeats;
 
 /// Round trips above this are recorded as this (microseconds).
 pub(super) const MAX_RTT_MICROS: u64 = 60_000_000;
@@ -83,7 +84,7 @@ pub struct ClientStats {
     backends: Mutex<BTreeMap<String, i64>>,
     /// Per failure cause: when a failure of it was last logged, and how many have not been
     /// logged since.
-    failure_log: Mutex<[Option<(Instant, u64)>; Failure::ALL.len()]>,
+    failure_log: Mutex<[Repeats; Failure::ALL.len()]>,
 }
 
 /// How often one cause of failed attempts is logged at WARN (the others are counted and
@@ -247,22 +248,10 @@ impl ClientStats {
     /// Whether a failure of `cause` should be logged at WARN now (the first in
     /// [`FAILURE_LOG_EVERY`]), with how many of its kind were not logged before it.
     pub(super) fn log_failure(&self, cause: Failure) -> Option<u64> {
-        let mut log = self
-            .failure_log
+        self.failure_log
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = &mut log[cause as usize];
-        match entry {
-            Some((at, suppressed)) if at.elapsed() < FAILURE_LOG_EVERY => {
-                *suppressed += 1;
-                None
-            }
-            _ => {
-                let suppressed = entry.map_or(0, |(_, n)| n);
-                *entry = Some((Instant::now(), 0));
-                Some(suppressed)
-            }
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner)[cause as usize]
+            .occurred(FAILURE_LOG_EVERY)
     }
 
     pub(super) fn attempt_failed(&self, cause: Failure) {

@@ -18,6 +18,7 @@ use super::capacity::Capacity;
 use super::connection::{self, Context};
 use super::handshake::Reply;
 use crate::net;
+use crate::repeats::Repeats;
 
 /// Stack of a connection thread. The echo loop needs little stack, and a small one keeps
 /// thousands of threads cheap; the kernel maps only the pages a thread touches.
@@ -50,13 +51,20 @@ pub fn accept_loop(
     }
     let mut next_id: u64 = 0;
     let mut backoff = ACCEPT_BACKOFF.0;
+    // An exhausted limit fails every accept or spawn until it recovers: a line a minute.
+    let (mut accept_failures, mut spawn_failures) = (Repeats::default(), Repeats::default());
     loop {
         let (tcp, peer) = match listener.accept() {
             Ok(accepted) => accepted,
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(error) if error.kind() == std::io::ErrorKind::ConnectionAborted => continue,
             Err(error) => {
-                error!("accept failed: {error}; retrying in {backoff:?}");
+                if let Some(more) = accept_failures.occurred(FAILURE_LOG_EVERY) {
+                    error!(
+                        "accept failed: {error}; retrying in {backoff:?}{}",
+                        since(more)
+                    );
+                }
                 if context.shutdown.wait_timeout(backoff) {
                     break;
                 }
@@ -114,7 +122,12 @@ pub fn accept_loop(
                 }
             });
         if let Err(error) = spawned {
-            warn!("Cannot start a thread for {peer}: {error}");
+            if let Some(more) = spawn_failures.occurred(FAILURE_LOG_EVERY) {
+                warn!(
+                    "Cannot start a thread for {peer}: {error}; answering 503{}",
+                    since(more)
+                );
+            }
             if let Ok(tcp) = take_back.try_recv() {
                 let refused = Refused {
                     tcp,
@@ -129,6 +142,17 @@ pub fn accept_loop(
     drop(refuse);
     if let Ok(rejecter) = rejecter {
         crate::threads::join(rejecter);
+    }
+}
+
+/// How often a failing accept or thread spawn is logged.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The tail of a repeated failure's line: how many were not logged since the last one.
+fn since(more: u64) -> String {
+    match more {
+        0 => String::new(),
+        more => format!(" ({more} more since the last such line)"),
     }
 }
 

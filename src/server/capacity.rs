@@ -20,6 +20,9 @@ const MAPS_RESERVE: usize = 512;
 /// File descriptors kept free for the listeners, the metrics server, /proc reads and the
 /// sockets waiting in the rejecter's queue.
 const FDS_RESERVE: usize = 64 + REJECT_QUEUE;
+/// Descriptors the server opens for itself after counting, whatever the limit: the two
+/// listeners, a metrics scrape and one refused socket waiting for its 503.
+const OWN_FDS: usize = 4;
 /// Threads (pids) kept free for the rest of the system and our own helper threads.
 const THREADS_RESERVE: usize = 256;
 
@@ -48,7 +51,7 @@ impl Capacity {
             // A small limit keeps a quarter free rather than the full reserve, so it still
             // serves what fits; refused sockets waiting for their 503 may take half of it,
             // the metrics port and the rest the other half.
-            let reserve = FDS_RESERVE.min(soft / 4);
+            let reserve = FDS_RESERVE.min(soft / 4).max(OWN_FDS);
             reject_queue = REJECT_QUEUE.min(reserve / 2).max(1);
             budgets.push((
                 "RLIMIT_NOFILE",
@@ -74,9 +77,11 @@ impl Capacity {
             }
         }
         if let Some(nproc) = proc_limit("Max processes") {
+            // Counted per user, so the user's other processes share it; a small limit keeps a
+            // quarter free rather than the full reserve, as for descriptors.
             budgets.push((
                 "RLIMIT_NPROC",
-                nproc.saturating_sub(count_dir("/proc/self/task") + THREADS_RESERVE),
+                nproc.saturating_sub(count_dir("/proc/self/task") + THREADS_RESERVE.min(nproc / 4)),
             ));
         }
         if let (Some(max), Some(current)) = (

@@ -21,6 +21,11 @@ use crate::net;
 use crate::shutdown::Shutdown;
 use crate::stream::{SharedStream, WsStream};
 
+/// After echoing a message larger than this, a connection swaps tungstenite's buffers (grown
+/// to the message's size) for small ones; smaller messages leave them as they are, so a
+/// steady stream of small or medium echoes allocates nothing per message.
+const GIVE_BACK_ABOVE: usize = 64 << 10;
+
 /// With an idle timeout, the most unsent data the kernel may hold for a connection.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 const UNSENT_LIMIT: u32 = 128 * 1024;
@@ -244,9 +249,9 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
         let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(UNSENT_LIMIT);
     }
 
-    let mut socket = WebSocket::from_partially_read(
-        WsStream::with_budget(stream.clone(), context.budget.clone()),
-        leftover,
+    // The leftover goes through the stream, which follows the frames tungstenite is given.
+    let mut socket = WebSocket::from_raw_socket(
+        WsStream::with_budget(stream.clone(), context.budget.clone()).after(leftover),
         Role::Server,
         Some(context.ws_config),
     );
@@ -261,7 +266,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
         }
         registration.activity().sent(hello.len());
     }
-    let ending = echo(&mut socket, &stream, registration.activity(), context);
+    let ending = echo(socket, &stream, registration.activity(), context);
     if matches!(
         ending.reason,
         Reason::ProtocolError
@@ -284,7 +289,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
 
 /// Echoes every data message back with its type until the connection ends.
 fn echo(
-    socket: &mut WebSocket<WsStream>,
+    mut socket: WebSocket<WsStream>,
     stream: &SharedStream,
     activity: &Activity,
     context: &Context,
@@ -305,11 +310,17 @@ fn echo(
     // The last ping: its sequence number (its payload) and when it went out.
     let mut last_ping: Option<(u64, Instant)> = None;
     let mut peer_close = None;
+    // Messages tungstenite has returned, control frames included.
+    let mut taken: u64 = 0;
     loop {
         if context.shutdown.is_requested() {
             let _ = stream.send_close(&context.going_away);
         }
-        match socket.read() {
+        let read = socket.read();
+        if read.is_ok() {
+            taken += 1;
+        }
+        match read {
             Ok(message @ (Message::Text(_) | Message::Binary(_))) => {
                 let size = message.len();
                 debug!("echo {size} bytes");
@@ -322,6 +333,16 @@ fn echo(
                 activity.sent(size);
                 if keepalive {
                     last_activity = Instant::now();
+                }
+                if size > GIVE_BACK_ABOVE && socket.get_ref().all_taken(taken) {
+                    // tungstenite keeps its read and write buffers at the size of the
+                    // largest frame they carried; a fresh one starts small. It holds no
+                    // byte of the peer's and nothing unsent, so nothing is lost.
+                    socket = WebSocket::from_raw_socket(
+                        socket.into_inner(),
+                        Role::Server,
+                        Some(context.ws_config),
+                    );
                 }
             }
             Ok(Message::Close(frame)) => {

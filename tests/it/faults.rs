@@ -6,6 +6,7 @@
 //! release binaries and points `WEBSOCKET_TEST_BIN_DIR` at them: a debug build spends most
 //! of the burst in unoptimised code and measures that instead.
 
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -177,4 +178,64 @@ fn a_burst_of_20000_connects_leaves_100_echoing_connections_fast_and_whole() {
         support::metric_sum(metrics, "websocket_client_echo_errors_total"),
         0.0
     );
+}
+
+/// Run alone, so the bytes live in the test process are the in-process server's and this
+/// test's own: the allocator counts them exactly (main.rs).
+#[test]
+#[ignore = "reads the process's live heap bytes: run with scripts/fault-tests"]
+fn an_idle_connection_holds_the_same_memory_before_and_after_a_16_mib_echo() {
+    const CONNECTIONS: usize = 4;
+    const LARGE: usize = 16 << 20;
+    /// What each connection may hold beyond its idle size afterwards: allocator rounding
+    /// and the odd counter, far below the two 16 MiB buffers it held before.
+    const SLACK: usize = 16 << 10;
+    let server = TestServer::start(&[]);
+    let state = server.state().clone();
+    let mut sockets: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|_| support::raw_upgrade(server.addr))
+        .collect();
+    // One small echo each, so whatever a connection sets up lazily is there at the baseline.
+    for socket in &mut sockets {
+        socket
+            .write_all(&support::masked_frame(0x82, b"warm"))
+            .unwrap();
+        assert_eq!(support::read_frame(socket).unwrap().1, b"warm");
+    }
+    server.wait_settled(CONNECTIONS);
+    let idle = crate::ALLOCATOR.allocated();
+
+    let payload = vec![0x5A_u8; LARGE];
+    let frame = support::masked_frame(0x82, &payload);
+    drop(payload);
+    for socket in &mut sockets {
+        socket.write_all(&frame).unwrap();
+        let (byte0, echo) = support::read_frame(socket).unwrap();
+        assert_eq!((byte0, echo.len()), (0x82, LARGE));
+        assert!(echo.iter().all(|&b| b == 0x5A), "the echo differs");
+    }
+    drop(frame);
+    // The echoes have arrived, so each server thread is past its write; it gives its buffers
+    // back right after.
+    let mut held = 0;
+    support::wait_within(
+        "the connections give their buffers back",
+        scaled(Duration::from_secs(5)),
+        || {
+            held = crate::ALLOCATOR.allocated();
+            held <= idle + CONNECTIONS * SLACK
+        },
+    );
+    assert_eq!(state.connections(), CONNECTIONS);
+    eprintln!(
+        "live heap: {idle} bytes idle, {held} after a 16 MiB echo on each of {CONNECTIONS} \
+         connections"
+    );
+    // And they still echo.
+    for socket in &mut sockets {
+        socket
+            .write_all(&support::masked_frame(0x81, b"after"))
+            .unwrap();
+        assert_eq!(support::read_frame(socket).unwrap().1, b"after");
+    }
 }

@@ -201,3 +201,137 @@ fn connections_past_the_memory_budget_get_1013_and_the_others_carry_on() {
     let (_, echo) = support::read_frame(&mut holder).unwrap();
     assert_eq!(echo.len(), SIZE);
 }
+
+/// A process of user `nobody` that starts threads until the user's RLIMIT_NPROC refuses one,
+/// holds them until dropped, and kills itself then.
+struct ThreadHog {
+    child: std::process::Child,
+    threads: usize,
+}
+
+impl ThreadHog {
+    fn start(nproc: usize) -> ThreadHog {
+        const HOG: &str = "import sys, threading\n\
+            stop = threading.Event()\n\
+            n = 0\n\
+            try:\n\
+            \x20   while n < 10000:\n\
+            \x20       threading.Thread(target=stop.wait, daemon=True).start()\n\
+            \x20       n += 1\n\
+            except RuntimeError:\n\
+            \x20   pass\n\
+            print(n, flush=True)\n\
+            sys.stdin.read()\n";
+        let limit = format!("--nproc={nproc}:{nproc}");
+        let mut child = std::process::Command::new("prlimit")
+            .args([&limit, "setpriv", "--reuid=65534", "--regid=65534"])
+            .args(["--clear-groups", "/usr/bin/python3", "-c", HOG])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("cannot start /usr/bin/python3 under prlimit and setpriv");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let threads = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("hog said {line:?}"));
+        ThreadHog { child, threads }
+    }
+}
+
+impl Drop for ThreadHog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// RLIMIT_NPROC binds only an unprivileged user and counts all the threads of that user, so
+/// the server runs as `nobody` (from a copy of the binary `nobody` can reach), and a second
+/// process of `nobody` takes what is left of the limit after the server started, as another
+/// workload of the same user would: spawns fail, not the ceiling.
+#[test]
+fn a_thread_limit_reached_refuses_connections_cleanly_and_service_resumes() {
+    const NPROC: usize = 120;
+    let copy = std::env::temp_dir().join(format!("websocket-test-nproc-{}", std::process::id()));
+    std::fs::create_dir_all(&copy).unwrap();
+    let binary = copy.join("server");
+    std::fs::copy(support::binary("server"), &binary).unwrap();
+    let limit = format!("--nproc={NPROC}:{NPROC}");
+    let server = Proc::start_command(
+        &[
+            "prlimit",
+            &limit,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+        binary.to_str().unwrap(),
+        &["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
+    );
+    let addr = support::address_after(&server.wait_for("Listening on ws://", patience()), "ws://");
+    let metrics = support::address_after(
+        &server.wait_for("Metrics on http://", patience()),
+        "http://",
+    );
+    let _ = std::fs::remove_dir_all(&copy);
+    let url = format!("ws://{addr}/ws");
+    let mut held: Vec<Ws> = (0..5).map(|_| support::connect(&url)).collect();
+
+    let hog = ThreadHog::start(NPROC);
+    assert!(
+        hog.threads > 10,
+        "the hog started only {} threads",
+        hog.threads
+    );
+    let cpu_before = cpu_seconds(server.pid());
+    for _ in 0..20 {
+        let answer = support::raw_exchange(addr, support::upgrade_request().as_bytes());
+        assert!(
+            answer.starts_with("HTTP/1.1 503 "),
+            "with no thread to be had: {answer}"
+        );
+        assert_eq!(support::http_get(metrics, "/healthz").0, 200);
+    }
+    let cpu = cpu_seconds(server.pid()) - cpu_before;
+    assert!(
+        cpu < 2.0,
+        "the server burned {cpu:.2} s refusing 20 connections"
+    );
+    // One line for the 20, not one each.
+    support::wait_until("the failure is logged", || {
+        server.count("Cannot start a thread") == 1
+    });
+    assert_eq!(
+        server.count("Cannot start a thread"),
+        1,
+        "{}",
+        server.output()
+    );
+    for ws in &mut held {
+        support::assert_echo(ws, 10);
+    }
+
+    // The other workload ends: new connections get threads again.
+    drop(hog);
+    support::wait_until(
+        "a new connection is served",
+        || match tungstenite::connect(&url) {
+            Ok((ws, _)) => {
+                held.push(ws);
+                true
+            }
+            Err(_) => false,
+        },
+    );
+    assert_eq!(support::metric(metrics, "websocket_connections"), 6.0);
+    for ws in &mut held {
+        support::assert_echo(ws, 10);
+    }
+}

@@ -5,6 +5,11 @@
 // the test threads' 2 MiB stacks.
 #![allow(clippy::unwrap_used, clippy::large_stack_frames)]
 
+/// The system allocator, counting: [`ALLOCATOR`]`.allocated()` is the bytes live in the
+/// process (faults.rs reads it in a test that runs alone).
+#[global_allocator]
+static ALLOCATOR: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+
 mod access;
 mod client;
 mod client_handshake;
@@ -20,6 +25,7 @@ mod pki;
 mod probe;
 mod process;
 mod prometheus;
+mod readme;
 mod server;
 mod server_process;
 mod support;

@@ -457,9 +457,16 @@ impl Proc {
         Proc::spawn(wrapper, bin, args, &[])
     }
 
+    /// Like [`Proc::start_wrapped`], for the binary at `path` (a copy, say).
+    pub fn start_command(wrapper: &[&str], path: &str, args: &[&str]) -> Proc {
+        Proc::run(wrapper, path, args, &[])
+    }
+
     fn spawn(wrapper: &[&str], bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let path = binary(bin);
-        let path = path.as_str();
+        Proc::run(wrapper, &binary(bin), args, env)
+    }
+
+    fn run(wrapper: &[&str], path: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
@@ -481,7 +488,7 @@ impl Proc {
         collect(child.stderr.take().unwrap(), output.clone());
         let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         Proc {
-            name: format!("{} {bin} {}", env.join(" "), args.join(" ")),
+            name: format!("{} {path} {}", env.join(" "), args.join(" ")),
             child,
             output,
         }
