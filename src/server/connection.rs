@@ -36,8 +36,6 @@ pub struct Context {
     pub ws_path: String,
     /// Time a client has to send its opening request.
     pub handshake_timeout: Duration,
-    /// A write that makes no progress for this long fails.
-    pub write_timeout: Duration,
     /// Buffer sizes and limits for tungstenite.
     pub ws_config: WebSocketConfig,
     /// The live connections.
@@ -50,8 +48,6 @@ pub struct Context {
     pub going_away: Arc<[u8]>,
     /// Server-side pings and the idle timeout.
     pub keepalive: Keepalive,
-    /// TCP keepalive and user timeout for every accepted socket.
-    pub liveness: net::Liveness,
     /// Header lines for every answer (`X-Served-By: NAME`).
     pub answer_headers: String,
     /// `hello from NAME`: the first message of a connection whose upgrade asked for it
@@ -122,8 +118,6 @@ impl Keepalive {
 /// limits were applied at accept; if not, they are applied here once the client's address
 /// is known (after the PROXY header, or from a trusted proxy's request).
 pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, context: &Context) {
-    let _ = tcp.set_nodelay(true);
-    context.liveness.apply(&tcp);
     let stream = match &context.tls {
         Some(tls) => match tls.wrap(tcp) {
             Ok(stream) => stream,
@@ -237,8 +231,8 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
         }
     };
     drop(handshaking);
-    // A client that stops reading must not hold this thread forever.
-    let _ = tcp.set_write_timeout(Some(context.write_timeout));
+    // The write timeout (a client that stops reading must not hold this thread forever) came
+    // from the listener with the socket: see `net::set_accepted_options`.
     let _ = tcp.set_read_timeout(context.keepalive.tick());
     if context.keepalive.idle_timeout.is_some() {
         // An echo is "sent" once the kernel has it, but megabytes of it may still wait in the

@@ -38,6 +38,7 @@ use capacity::Capacity;
 use connection::{Context, Keepalive};
 use registry::Registry;
 
+pub use crate::net::LISTEN_BACKLOG;
 pub use acceptor::CONNECTION_STACK_SIZE;
 /// tungstenite's read chunk per connection (its default, 128 KiB, would be resident per
 /// connection as soon as it first reads).
@@ -130,6 +131,7 @@ impl Server {
         };
         let access = Access::from_config(&config).map_err(Error::Setup)?;
         let listener = bind(config.port)?;
+        net::set_accepted_options(&listener, config.liveness(), config.write_timeout);
         let metrics_listener = bind(config.metrics_port)?;
         let metrics = Metrics::new();
         Ok(Server {
@@ -221,7 +223,6 @@ impl Server {
         let context = Arc::new(Context {
             ws_path: config.path.clone(),
             handshake_timeout: config.handshake_timeout,
-            write_timeout: config.write_timeout,
             ws_config: WebSocketConfig::default()
                 .read_buffer_size(READ_BUFFER_SIZE)
                 .write_buffer_size(0)
@@ -237,7 +238,6 @@ impl Server {
             },
             tls,
             access,
-            liveness: config.liveness(),
             answer_headers: identity
                 .as_ref()
                 .map(|name| format!("X-Served-By: {name}\r\n"))
