@@ -5,6 +5,7 @@ kubernetes-validate, promtool and hadolint). Needs PyYAML and jsonschema (the CI
     check-manifests.py [--server-help FILE] [--client-help FILE] [--metrics-sample FILE]
                        [--client-metrics-sample FILE]
     check-manifests.py --update      # regenerate monitoring/grafana-dashboard.yaml from the JSON
+    check-manifests.py --node-tuning-out DIR   # the server Deployments with node-tuning/'s patch
 
 --server-help/--client-help: the binaries' --help output, to check that every WEBSOCKET_TEST_*
 variable the manifests set is one the binary reads. --metrics-sample, --client-metrics-sample: a
@@ -29,6 +30,7 @@ WSS = MANIFESTS / "wss"
 CERT_MANAGER = WSS / "cert-manager"
 NETWORK_POLICIES = MANIFESTS / "network-policies"
 LOAD_TEST = MANIFESTS / "load-test"
+NODE_TUNING_PATCH = MANIFESTS / "node-tuning" / "max-map-count.patch.yaml"
 DASHBOARD_JSON = MONITORING / "dashboards" / "websocket-test.json"
 DASHBOARD_CONFIGMAP = MONITORING / "grafana-dashboard.yaml"
 SERVICE = "websocket-test-server"
@@ -255,6 +257,14 @@ ISSUER_SCHEMA = {
                                 "ca": {"type": "object", "required": ["secretName"], "additionalProperties": False,
                                        "properties": {"secretName": {"type": "string"}}}}}}}
 CERT_MANAGER_SCHEMAS = {"Certificate": CERTIFICATE_SCHEMA, "Issuer": ISSUER_SCHEMA}
+
+# manifests/node-tuning/'s patch adds this init container to the server Deployment, and nothing
+# else. It is the one container of the manifests allowed to run privileged and as root (a
+# writable /proc/sys for a node-wide sysctl), so the exception is as narrow as it can be: this
+# command, this securityContext, a small image pinned by version.
+NODE_TUNING_COMMAND = ["sh", "-c", 'test "$(sysctl -n vm.max_map_count)" -ge 262144 || sysctl -w vm.max_map_count=262144']
+NODE_TUNING_SECURITY = {"privileged": True, "runAsUser": 0, "runAsNonRoot": False, "readOnlyRootFilesystem": True}
+NODE_TUNING_IMAGE = re.compile(r"^docker\.io/library/busybox:\d+\.\d+\.\d+$")
 
 # The wss variant (manifests/wss/) is manifests/ plus exactly these (check_wss strips them and
 # compares): the TLS variables, the volumes that hold their files, the fsGroup that makes the
@@ -574,6 +584,8 @@ def check_pod(workload, role, want_version, env_known):
     check(psc.get("runAsUser") == 65532 and psc.get("runAsGroup") == 65532,
           f"{where(workload)}: run as 65532:65532, the image's user")
     check(len(pod["containers"]) == 1, f"{where(workload)}: one container expected")
+    check(not pod.get("initContainers"), f"{where(workload)}: no init containers "
+                                         f"(the one allowed is {NODE_TUNING_PATCH.relative_to(ROOT)}'s, checked on its own)")
     for container in pod["containers"]:
         what = f"{where(workload)} container {container['name']}"
         check(container.get("image") == f"{IMAGES[role]}:{want_version}",
@@ -656,14 +668,73 @@ def check_load_job(job, client_metrics_port, service_ports, server_values, want_
               f"{where(job)}: activeDeadlineSeconds {spec.get('activeDeadlineSeconds')} must exceed WEBSOCKET_TEST_DURATION {duration}")
 
 
+def merged(doc, patch):
+    """`doc` with `patch` merged in: maps key by key, anything else replaced. What a strategic
+    merge patch does where, as here, the patched lists (initContainers) are absent from `doc`."""
+    if not (isinstance(doc, dict) and isinstance(patch, dict)):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(doc)
+    for key, value in patch.items():
+        out[key] = merged(doc[key], value) if key in doc else copy.deepcopy(value)
+    return out
+
+
+def write_node_tuning(out):
+    """The server Deployments of manifests/ and wss/ as `kubectl patch` with node-tuning/'s
+    patch leaves them, into `out` for kubernetes-validate."""
+    patch = yaml.safe_load(NODE_TUNING_PATCH.read_text())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, path in (("manifests-server+node-tuning.yaml", MANIFESTS / "server.yaml"),
+                       ("wss-server+node-tuning.yaml", WSS / "server.yaml")):
+        docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc and doc["kind"] == "Deployment"]
+        (out / name).write_text(yaml.safe_dump_all([merged(doc, patch) for doc in docs], sort_keys=False))
+
+
+def check_node_tuning(patch, servers):
+    """manifests/node-tuning/: a patch of the server Deployments (manifests/ and wss/) that adds
+    one init container and nothing else; that container is the manifests' one exception to
+    no privileged and no root, so it must be exactly the sysctl (see NODE_TUNING_*)."""
+    what = str(NODE_TUNING_PATCH.relative_to(ROOT))
+    inits = (patch or {}).get("spec", {}).get("template", {}).get("spec", {}).get("initContainers")
+    if not check(isinstance(inits, list) and patch == {"spec": {"template": {"spec": {"initContainers": inits}}}},
+                 f"{what}: must set spec.template.spec.initContainers and nothing else"):
+        return
+    if not check(len(inits) == 1, f"{what}: one init container expected, found {len(inits)}"):
+        return
+    init = inits[0]
+    what = f"{what}: init container {init.get('name')}"
+    check(NODE_TUNING_IMAGE.match(init.get("image", "")),
+          f"{what}: image {init.get('image')} must be busybox pinned by version (docker.io/library/busybox:X.Y.Z)")
+    check(init.get("command") == NODE_TUNING_COMMAND and "args" not in init,
+          f"{what}: may run {NODE_TUNING_COMMAND} and nothing else (it is privileged)")
+    check(init.get("securityContext") == NODE_TUNING_SECURITY,
+          f"{what}: securityContext must be exactly {NODE_TUNING_SECURITY} (privileged and root for /proc/sys, nothing more)")
+    check(not {"env", "envFrom", "volumeMounts", "ports"} & set(init), f"{what}: no env, volumes or ports")
+    resources = init.get("resources", {})
+    if check(all({"cpu", "memory"} <= set(resources.get(kind, {})) for kind in ("requests", "limits")),
+             f"{what}: needs cpu and memory requests and limits"):
+        check(quantity_bytes(resources["requests"]["memory"]) <= quantity_bytes(resources["limits"]["memory"])
+              and quantity_cpu(resources["requests"]["cpu"]) <= quantity_cpu(resources["limits"]["cpu"]),
+              f"{what}: requests exceed limits")
+    for server in servers:
+        pod = server["spec"]["template"]["spec"]
+        check(not pod.get("initContainers"), f"{where(server)}: has init containers, which the patch would merge with")
+        check(init.get("name") not in {c["name"] for c in pod["containers"]}, f"{where(server)}: a container is named {init.get('name')}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--update", action="store_true")
+    parser.add_argument("--node-tuning-out")
     parser.add_argument("--server-help")
     parser.add_argument("--client-help")
     parser.add_argument("--metrics-sample")
     parser.add_argument("--client-metrics-sample")
     args = parser.parse_args()
+    if args.node_tuning_out:
+        write_node_tuning(args.node_tuning_out)
+        return 0
     if args.update:
         DASHBOARD_CONFIGMAP.write_text(dashboard_configmap_text())
         print(f"wrote {DASHBOARD_CONFIGMAP.relative_to(ROOT)}")
@@ -909,6 +980,11 @@ def main():
 
     # --- wss variant, cert-manager example, NetworkPolicies ------------------------------------
     check_wss(top, wss_docs, cm_docs, env_known)
+    node_files = sorted(p for p in NODE_TUNING_PATCH.parent.iterdir() if p.is_file())
+    check(node_files == [NODE_TUNING_PATCH], f"{NODE_TUNING_PATCH.parent.relative_to(ROOT)}/: only {NODE_TUNING_PATCH.name} expected, "
+                                             f"found {[p.name for p in node_files]}")
+    wss_server = next((d for d in wss_docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "websocket-test-server"), None)
+    check_node_tuning(yaml.safe_load(NODE_TUNING_PATCH.read_text()), [server] + ([wss_server] if wss_server else []))
     check_network_policies(np_docs, deployments, service, "manifests/", load_job)
     wss_deployments = {d["metadata"]["name"]: d for d in wss_docs if d["kind"] == "Deployment"}
     wss_service = next((d for d in wss_docs if d["kind"] == "Service" and d["metadata"]["name"] == SERVICE), None)

@@ -185,6 +185,9 @@ impl Server {
             },
         } = self;
         info!("Connection ceiling: {capacity}");
+        if let Some(hint) = capacity.hint() {
+            info!("{hint}");
+        }
         match config.liveness().bound() {
             Some(bound) => info!(
                 "A client that vanishes without a word is dropped within {} (--tcp-keepalive, --tcp-user-timeout)",
