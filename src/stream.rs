@@ -395,8 +395,10 @@ const READ_AHEAD: usize = 120 << 10;
 /// system call each, and an idle connection holds no buffer here.
 #[derive(Debug, Default)]
 struct ReadAhead {
+    /// Allocated and zeroed once while reads stay eager; bytes `start..end` are unread.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     eager: bool,
 }
 
@@ -415,6 +417,7 @@ impl WsStream {
     /// Serves `leftover` (bytes that came with the upgrade request) before reading the socket.
     pub fn after(mut self, leftover: Vec<u8>) -> Self {
         self.ahead = ReadAhead {
+            end: leftover.len(),
             buf: leftover,
             start: 0,
             eager: false,
@@ -473,45 +476,44 @@ impl Read for WsStream {
 
 impl WsStream {
     fn read_ahead(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let ahead = &mut self.ahead;
-        if ahead.start == ahead.buf.len() {
-            if !ahead.eager {
+        if self.ahead.start == self.ahead.end {
+            if !self.ahead.eager {
                 // Straight into tungstenite's buffer; a full read says more is waiting.
                 let n = self.receive(buf)?;
                 self.ahead.eager = n == buf.len() && n > 0;
                 return Ok(n);
             }
-            let mut bigger = std::mem::take(&mut ahead.buf);
-            bigger.resize(READ_AHEAD, 0);
-            let received = self.receive(&mut bigger);
-            bigger.truncate(*received.as_ref().unwrap_or(&0));
-            // Whatever this read brought, the next read after it is drained goes straight
-            // into tungstenite's buffer again: an idle connection never waits holding it.
+            let mut ahead = std::mem::take(&mut self.ahead.buf);
+            ahead.resize(READ_AHEAD, 0);
+            let received = self.receive(&mut ahead);
+            let n = *received.as_ref().unwrap_or(&0);
+            // A full read-ahead says more is waiting: the buffer stays for the next one.
+            // Otherwise the next read after this one is drained goes straight into
+            // tungstenite's buffer again, so an idle connection never waits holding it.
             self.ahead = ReadAhead {
-                buf: bigger,
+                // Nothing came (an error, a timeout tick, the end): nothing to keep.
+                buf: if n > 0 { ahead } else { Vec::new() },
                 start: 0,
-                eager: false,
+                end: n,
+                eager: n == READ_AHEAD,
             };
             received?;
         }
         let ReadAhead {
             buf: ahead,
             start,
+            end,
             eager,
         } = &mut self.ahead;
-        let n = buf.len().min(ahead.len() - *start);
+        let n = buf.len().min(*end - *start);
         buf[..n].copy_from_slice(&ahead[*start..*start + n]);
         *start += n;
-        if *start == ahead.len() {
-            // Drained. A full read-ahead says more is waiting: read ahead again. Otherwise
-            // give the memory back; the next read is a direct one.
-            *eager = ahead.len() == READ_AHEAD;
-            if *eager {
-                ahead.clear();
-            } else {
+        if *start == *end {
+            *start = 0;
+            *end = 0;
+            if !*eager {
                 *ahead = Vec::new();
             }
-            *start = 0;
         }
         Ok(n)
     }

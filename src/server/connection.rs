@@ -118,12 +118,41 @@ impl Keepalive {
 /// limits were applied at accept; if not, they are applied here once the client's address
 /// is known (after the PROXY header, or from a trusted proxy's request).
 pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, context: &Context) {
+    // Two calls that are never inlined into one frame: the thread's stack pages, once
+    // touched, stay resident for the life of the connection, so the deepest point of either
+    // phase, not of both together, sets what an idle connection costs.
+    if let Some((stream, upgraded)) = open(id, tcp, peer, admission, context) {
+        serve(id, stream, upgraded, context);
+    }
+}
+
+/// What a successful opening handshake leaves for the echo phase.
+struct Upgraded {
+    /// Bytes that came after the upgrade request.
+    leftover: Vec<u8>,
+    /// Send the server's name first (`?hello` or `--hello`).
+    hello: bool,
+    client: ClientAddr,
+    /// The client address's place under the per-address limit, held for the connection's life.
+    slot: Option<super::access::Slot>,
+}
+
+/// The TLS handshake, the PROXY header and the upgrade request; `None` once the connection
+/// has been answered or has failed (logged and counted here).
+#[inline(never)]
+fn open(
+    id: u64,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admission: Admission,
+    context: &Context,
+) -> Option<(Arc<SharedStream>, Box<Upgraded>)> {
     let stream = match &context.tls {
         Some(tls) => match tls.wrap(tcp) {
             Ok(stream) => stream,
             Err(error) => {
                 warn!("Cannot start a TLS session for {peer}: {error}");
-                return;
+                return None;
             }
         },
         None => SharedStream::new(tcp),
@@ -132,7 +161,7 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
     // Listed while the request is read, so shutdown can cut a slow or silent client short.
     let handshaking = context.registry.begin_handshake(id, stream.clone());
     if context.shutdown.is_requested() {
-        return;
+        return None;
     }
     // The PROXY header, the TLS handshake and the upgrade request share the handshake
     // timeout.
@@ -146,12 +175,12 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
             Ok(None) => debug!("PROXY header from {peer} without a client address (LOCAL or UNKNOWN): the balancer's own connection"),
             Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
                 debug!("Connection from {peer} failed: {error}");
-                return;
+                return None;
             }
             Err(error) => {
                 context.handshake_failed("proxy");
                 info!("Connection from {peer} failed: {error}");
-                return;
+                return None;
             }
         }
     }
@@ -216,21 +245,41 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
                 _ => debug!("Answered {client}: {status} {message}"),
             }
             stream.close_gracefully(net::LINGER);
-            return;
+            return None;
         }
         // A connect-and-close with nothing sent is a TCP health check or a port scan, not a
         // failed upgrade.
         Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
             debug!("Upgrade from {client} failed: {error}");
-            return;
+            return None;
         }
         Err(error) => {
             context.handshake_failed(error_cause(&error));
             info!("Upgrade from {client} failed: {error}");
-            return;
+            return None;
         }
     };
     drop(handshaking);
+    let upgraded = Upgraded {
+        leftover,
+        hello,
+        client,
+        slot,
+    };
+    Some((stream, Box::new(upgraded)))
+}
+
+/// The echo phase of an upgraded connection, registered while it lasts.
+#[inline(never)]
+fn serve(id: u64, stream: Arc<SharedStream>, upgraded: Box<Upgraded>, context: &Context) {
+    // `_slot` is held to the end, and dropped after the registration declared below it.
+    let Upgraded {
+        leftover,
+        hello,
+        client,
+        slot: _slot,
+    } = *upgraded;
+    let tcp = stream.tcp();
     // The write timeout (a client that stops reading must not hold this thread forever) came
     // from the listener with the socket: see `net::set_accepted_options`.
     let _ = tcp.set_read_timeout(context.keepalive.tick());

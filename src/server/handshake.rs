@@ -183,7 +183,9 @@ impl Rules<'_> {
 /// Decides how to answer the request head in `buf` for a server whose WebSocket endpoint is
 /// `ws_path`, under `rules`.
 pub fn decide(buf: &[u8], ws_path: &str, rules: &Rules<'_>) -> Decision {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // On the heap: 2 KiB on the stack would stay resident for as long as the connection
+    // lives, since the thread's stack pages, once touched, are never given back.
+    let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
