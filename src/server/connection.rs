@@ -146,7 +146,7 @@ fn open(
     peer: SocketAddr,
     admission: Admission,
     context: &Context,
-) -> Option<(Arc<SharedStream>, Box<Upgraded>)> {
+) -> Option<(Arc<SharedStream>, Upgraded)> {
     let stream = match &context.tls {
         Some(tls) => match tls.wrap(tcp) {
             Ok(stream) => stream,
@@ -266,19 +266,19 @@ fn open(
         client,
         slot,
     };
-    Some((stream, Box::new(upgraded)))
+    Some((stream, upgraded))
 }
 
 /// The echo phase of an upgraded connection, registered while it lasts.
 #[inline(never)]
-fn serve(id: u64, stream: Arc<SharedStream>, upgraded: Box<Upgraded>, context: &Context) {
+fn serve(id: u64, stream: Arc<SharedStream>, upgraded: Upgraded, context: &Context) {
     // `_slot` is held to the end, and dropped after the registration declared below it.
     let Upgraded {
         leftover,
         hello,
         client,
         slot: _slot,
-    } = *upgraded;
+    } = upgraded;
     let tcp = stream.tcp();
     // The write timeout (a client that stops reading must not hold this thread forever) came
     // from the listener with the socket: see `net::set_accepted_options`.
