@@ -6,8 +6,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
-use tungstenite::Bytes;
 
 use super::stats::{new_histogram, ClientStats, Counter, MAX_RTT_MICROS};
 use crate::config::ClientConfig;
@@ -48,6 +48,8 @@ pub struct Generator {
     connection: u32,
     next_seq: u64,
     in_flight: VecDeque<(u64, Instant, Bytes)>,
+    /// Memory for the next message, reclaimed once no message of it is in flight.
+    scratch: BytesMut,
     highest_received: Option<u64>,
     echoes: u64,
     local: [u64; Counter::COUNT],
@@ -63,6 +65,7 @@ impl Generator {
             connection,
             next_seq: 0,
             in_flight: VecDeque::new(),
+            scratch: BytesMut::new(),
             highest_received: None,
             echoes: 0,
             local: [0; Counter::COUNT],
@@ -91,7 +94,12 @@ impl Generator {
     pub fn next_message(&mut self) -> Bytes {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let message = encode(self.connection, seq, self.config.message_size);
+        let message = encode(
+            &mut self.scratch,
+            self.connection,
+            seq,
+            self.config.message_size,
+        );
         self.in_flight
             .push_back((seq, Instant::now(), message.clone()));
         self.local[Counter::Sent as usize] += 1;
@@ -153,17 +161,20 @@ impl Generator {
     }
 }
 
-/// Builds a message: header (connection, sequence, checksum) and a body that depends on
-/// both, so a byte moved between messages is caught too.
-pub fn encode(connection: u32, seq: u64, size: usize) -> Bytes {
+/// Builds a message in `scratch`: header (connection, sequence, checksum) and a body that
+/// depends on both, so a byte moved between messages is caught too. `scratch` reuses its
+/// memory when the message built last is gone: one allocation per connection, not one per
+/// message (which musl's allocator serves slowly at 64 KiB).
+pub fn encode(scratch: &mut BytesMut, connection: u32, seq: u64, size: usize) -> Bytes {
     let size = size.max(HEADER_SIZE);
-    let mut message = Vec::with_capacity(size);
-    message.extend_from_slice(&connection.to_be_bytes());
-    message.extend_from_slice(&seq.to_be_bytes());
-    message.extend_from_slice(&checksum(connection, seq).to_be_bytes());
+    scratch.clear();
+    scratch.reserve(size);
+    scratch.put_u32(connection);
+    scratch.put_u64(seq);
+    scratch.put_u32(checksum(connection, seq));
     let seed = (seq as u8) ^ (connection as u8);
-    message.extend((0..size - HEADER_SIZE).map(|i| seed.wrapping_add(i as u8)));
-    message.into()
+    scratch.extend((0..size - HEADER_SIZE).map(|i| seed.wrapping_add(i as u8)));
+    scratch.split().freeze()
 }
 
 /// The sequence number of a message of `connection` whose header is intact.
@@ -200,7 +211,7 @@ mod tests {
 
     #[test]
     fn messages_round_trip_and_corruption_is_caught() {
-        let message = encode(7, 42, 64);
+        let message = encode(&mut BytesMut::new(), 7, 42, 64);
         assert_eq!(message.len(), 64);
         assert_eq!(decode(7, &message), Some(42));
         assert_eq!(decode(8, &message), None);

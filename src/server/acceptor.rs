@@ -117,7 +117,10 @@ pub fn accept_loop(
             .stack_size(CONNECTION_STACK_SIZE)
             .spawn(move || {
                 let (_alive, _counted) = (alive, thread_guard);
-                if let Ok(tcp) = take.try_recv() {
+                let taken = take.try_recv();
+                // The channel (about 600 bytes) goes now, not when the connection ends.
+                drop(take);
+                if let Ok(tcp) = taken {
                     connection::run(id, tcp, peer, admission, &conn_context);
                 }
             });

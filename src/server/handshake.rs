@@ -540,9 +540,11 @@ pub fn accept(
                     answer.headers
                 );
                 stream.write_all(response.as_bytes())?;
-                buf.drain(..head_len);
+                // Almost always nothing: then the request's buffer goes, rather than staying
+                // with the connection for its whole life.
+                let leftover = buf[head_len..].to_vec();
                 return Ok(Handshake::Upgraded {
-                    leftover: buf,
+                    leftover,
                     client,
                     protocol,
                     hello,

@@ -195,13 +195,22 @@ fn an_idle_connection_holds_the_same_memory_before_and_after_a_16_mib_echo() {
     let mut sockets: Vec<TcpStream> = (0..CONNECTIONS)
         .map(|_| support::raw_upgrade(server.addr))
         .collect();
-    // One small echo each, so whatever a connection sets up lazily is there at the baseline.
+    // One small echo each, so whatever a connection sets up lazily is there at the baseline,
+    // and one large one, after which the server keeps a spare read-ahead buffer (one, since
+    // these echoes take turns) for the next large message of any connection.
     for socket in &mut sockets {
         socket
             .write_all(&support::masked_frame(0x82, b"warm"))
             .unwrap();
         assert_eq!(support::read_frame(socket).unwrap().1, b"warm");
     }
+    sockets[0]
+        .write_all(&support::masked_frame(0x82, &vec![7; 200 << 10]))
+        .unwrap();
+    assert_eq!(
+        support::read_frame(&mut sockets[0]).unwrap().1.len(),
+        200 << 10
+    );
     server.wait_settled(CONNECTIONS);
     let idle = crate::ALLOCATOR.allocated();
 
