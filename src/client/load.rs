@@ -7,9 +7,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use hdrhistogram::Histogram;
 
-use super::stats::{new_histogram, ClientStats, Counter, MAX_RTT_MICROS};
+use super::stats::{ClientStats, Counter, MAX_RTT_MICROS};
 use crate::config::ClientConfig;
 
 /// Bytes of the header every load message starts with: connection id (4), sequence
@@ -19,6 +18,8 @@ pub const HEADER_SIZE: usize = 16;
 const _: () = assert!(HEADER_SIZE == crate::config::MIN_MESSAGE_SIZE);
 /// How often a connection thread folds its counters into the shared ones.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Round trips a connection keeps before it flushes them anyway (8 KiB).
+const FLUSH_RTTS: usize = 1024;
 
 /// What load each connection generates.
 #[derive(Debug, Clone, Copy)]
@@ -53,7 +54,9 @@ pub struct Generator {
     highest_received: Option<u64>,
     echoes: u64,
     local: [u64; Counter::COUNT],
-    rtt_micros: Histogram<u64>,
+    /// Round trips since the last flush. A list, not a histogram of our own: an HDR
+    /// histogram is 139 KiB, which every connection would carry and every reconnect zero.
+    rtt_micros: Vec<u64>,
     last_flush: Instant,
 }
 
@@ -69,7 +72,7 @@ impl Generator {
             highest_received: None,
             echoes: 0,
             local: [0; Counter::COUNT],
-            rtt_micros: new_histogram(),
+            rtt_micros: Vec::new(),
             last_flush: Instant::now(),
         }
     }
@@ -134,19 +137,19 @@ impl Generator {
         self.echoes += 1;
         self.local[Counter::Received as usize] += 1;
         let micros = (sent_at.elapsed().as_micros() as u64).clamp(1, MAX_RTT_MICROS);
-        let _ = self.rtt_micros.record(micros);
+        self.rtt_micros.push(micros);
     }
 
     /// Folds local counts into `stats` if [`FLUSH_EVERY`] has passed (or `force`).
     pub fn flush(&mut self, stats: &ClientStats, force: bool) {
-        if !force && self.last_flush.elapsed() < FLUSH_EVERY {
+        if !force && self.rtt_micros.len() < FLUSH_RTTS && self.last_flush.elapsed() < FLUSH_EVERY {
             return;
         }
         self.last_flush = Instant::now();
         stats.add_all(&mut self.local);
         if !self.rtt_micros.is_empty() {
             stats.record_rtts(&self.rtt_micros);
-            self.rtt_micros.reset();
+            self.rtt_micros.clear();
         }
     }
 

@@ -293,12 +293,14 @@ impl ClientStats {
         }
     }
 
-    pub(super) fn record_rtts(&self, rtts: &Histogram<u64>) {
+    pub(super) fn record_rtts(&self, micros: &[u64]) {
         let mut shared = self
             .rtt_micros
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _ = shared.add(rtts);
+        for &rtt in micros {
+            let _ = shared.record(rtt);
+        }
     }
 
     /// A copy of everything, for a report.
