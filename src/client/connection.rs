@@ -732,8 +732,11 @@ impl<'a> Session<'a> {
 
     /// Sets the read timeout to wake at the next deadline. A timeout longer than needed
     /// would oversleep a deadline; a shorter one only wakes the loop early, so the system
-    /// call is skipped while the current one is close enough.
+    /// call is skipped while the current one is close enough. A long one is set a little
+    /// short: the next deadline comes closer with every message, and without the margin a
+    /// busy connection would set it again for each one.
     fn set_read_timeout(&mut self) -> std::io::Result<()> {
+        const MARGIN: Duration = Duration::from_millis(100);
         let wanted = self
             .next_wake()
             .saturating_duration_since(Instant::now())
@@ -742,8 +745,13 @@ impl<'a> Session<'a> {
             .read_timeout
             .is_none_or(|current| wanted < current || wanted > current * 2)
         {
-            self.stream.tcp().set_read_timeout(Some(wanted))?;
-            self.read_timeout = Some(wanted);
+            let timeout = if wanted > MARGIN * 4 {
+                wanted - MARGIN
+            } else {
+                wanted
+            };
+            self.stream.tcp().set_read_timeout(Some(timeout))?;
+            self.read_timeout = Some(timeout);
         }
         Ok(())
     }
