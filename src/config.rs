@@ -237,6 +237,14 @@ impl ServerConfig {
         }
     }
 
+    /// The options of every accepted socket.
+    pub(crate) fn accepted_options(&self) -> crate::net::AcceptedOptions {
+        crate::net::AcceptedOptions {
+            liveness: self.liveness(),
+            write_timeout: self.write_timeout,
+        }
+    }
+
     /// `ws` or `wss`, as the server is configured.
     pub fn scheme(&self) -> &'static str {
         if self.tls_cert.is_some() {

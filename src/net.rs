@@ -2,7 +2,6 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -24,14 +23,38 @@ pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Gives every socket `listener` accepts no Nagle delay, `liveness`, and `write_timeout` on
-/// each write: Linux copies them from the listener on accept, which spares each connection's
-/// thread seven system calls.
-pub fn set_accepted_options(listener: &TcpListener, liveness: Liveness, write_timeout: Duration) {
-    let socket = socket2::SockRef::from(listener);
-    let _ = socket.set_tcp_nodelay(true);
-    let _ = socket.set_write_timeout(Some(write_timeout));
-    liveness.apply(listener);
+/// What every accepted socket gets: no Nagle delay, `liveness`, and `write_timeout` on each
+/// write.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptedOptions {
+    pub liveness: Liveness,
+    pub write_timeout: Duration,
+}
+
+impl AcceptedOptions {
+    /// Linux copies these options from the listener to every socket it accepts: set there,
+    /// they spare each connection's thread seven system calls.
+    const COPIED_ON_ACCEPT: bool = cfg!(target_os = "linux");
+
+    /// Sets them on the listener, where the OS copies them on accept.
+    pub fn set_on_listener(&self, listener: &TcpListener) {
+        if Self::COPIED_ON_ACCEPT {
+            self.set(socket2::SockRef::from(listener));
+        }
+    }
+
+    /// Sets them on an accepted socket, where the OS did not copy them from the listener.
+    pub fn set_on_accepted(&self, tcp: &TcpStream) {
+        if !Self::COPIED_ON_ACCEPT {
+            self.set(socket2::SockRef::from(tcp));
+        }
+    }
+
+    fn set(&self, socket: socket2::SockRef<'_>) {
+        let _ = socket.set_tcp_nodelay(true);
+        let _ = socket.set_write_timeout(Some(self.write_timeout));
+        self.liveness.apply(socket);
+    }
 }
 
 /// An address that reaches `listen_addr` from this host: the loopback address when the
@@ -114,10 +137,8 @@ impl Liveness {
         (idle / 3).max(Duration::from_secs(1).min(idle))
     }
 
-    /// Sets both on `tcp` (best effort: a platform without them keeps its defaults). Set on
-    /// a listener, they reach every socket it accepts (Linux copies them on accept).
-    pub fn apply(&self, tcp: impl AsFd) {
-        let socket = socket2::SockRef::from(&tcp);
+    /// Sets both on `socket` (best effort: a platform without them keeps its defaults).
+    pub fn apply(&self, socket: socket2::SockRef<'_>) {
         if let Some(idle) = self.keepalive {
             let keepalive = socket2::TcpKeepalive::new()
                 .with_time(idle)

@@ -250,7 +250,7 @@ impl Dialer {
             None => tcp_connect(&target.host, target.port, deadline, config)?,
         };
         let _ = tcp.set_nodelay(true);
-        config.liveness().apply(&tcp);
+        config.liveness().apply(socket2::SockRef::from(&tcp));
         let stream = match &self.tls {
             Some(tls) => tls
                 .wrap(tcp, &self.server_name)

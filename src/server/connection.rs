@@ -36,6 +36,8 @@ pub struct Context {
     pub ws_path: String,
     /// Time a client has to send its opening request.
     pub handshake_timeout: Duration,
+    /// Options for every accepted socket, set here where the listener did not pass them on.
+    pub accepted: net::AcceptedOptions,
     /// Buffer sizes and limits for tungstenite.
     pub ws_config: WebSocketConfig,
     /// The live connections.
@@ -147,6 +149,7 @@ fn open(
     admission: Admission,
     context: &Context,
 ) -> Option<(Arc<SharedStream>, Upgraded)> {
+    context.accepted.set_on_accepted(&tcp);
     let stream = match &context.tls {
         Some(tls) => match tls.wrap(tcp) {
             Ok(stream) => stream,
@@ -281,7 +284,7 @@ fn serve(id: u64, stream: Arc<SharedStream>, upgraded: Upgraded, context: &Conte
     } = upgraded;
     let tcp = stream.tcp();
     // The write timeout (a client that stops reading must not hold this thread forever) came
-    // from the listener with the socket: see `net::set_accepted_options`.
+    // with the socket: see `net::AcceptedOptions`.
     let _ = tcp.set_read_timeout(context.keepalive.tick());
     if context.keepalive.idle_timeout.is_some() {
         // An echo is "sent" once the kernel has it, but megabytes of it may still wait in the

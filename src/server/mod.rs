@@ -131,7 +131,7 @@ impl Server {
         };
         let access = Access::from_config(&config).map_err(Error::Setup)?;
         let listener = bind(config.port)?;
-        net::set_accepted_options(&listener, config.liveness(), config.write_timeout);
+        config.accepted_options().set_on_listener(&listener);
         let metrics_listener = bind(config.metrics_port)?;
         let metrics = Metrics::new();
         Ok(Server {
@@ -226,6 +226,7 @@ impl Server {
         let context = Arc::new(Context {
             ws_path: config.path.clone(),
             handshake_timeout: config.handshake_timeout,
+            accepted: config.accepted_options(),
             ws_config: WebSocketConfig::default()
                 .read_buffer_size(READ_BUFFER_SIZE)
                 .write_buffer_size(0)
