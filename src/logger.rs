@@ -44,14 +44,7 @@ impl Log for Logger {
         }
         let thread = std::thread::current();
         let line = format_line(SystemTime::now(), record, thread.name());
-        // One write_all of a whole line: concurrent lines never interleave, and stdout's
-        // LineWriter hands a line that ends in '\n' to a single write(2).
-        let mut stdout = std::io::stdout().lock();
-        if stdout
-            .write_all(line.as_bytes())
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
+        if write_line(line.as_bytes()).is_err() {
             DROPPED.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -59,6 +52,31 @@ impl Log for Logger {
     fn flush(&self) {
         let _ = std::io::stdout().lock().flush();
     }
+}
+
+/// Writes a whole line with one write(2) on a copy of stdout's descriptor, without std's
+/// stdout lock: the kernel keeps concurrent writes of a line each whole (a file's offset
+/// lock, a pipe's atomic writes up to 4 KiB), and threads logging at once (every connect
+/// and disconnect) no longer queue on a user-space lock held across the system call.
+#[cfg(unix)]
+fn write_line(line: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    static STDOUT: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    let copy = STDOUT.get_or_init(|| {
+        let fd = std::io::stdout().as_fd().try_clone_to_owned().ok();
+        fd.map(std::fs::File::from)
+    });
+    match copy {
+        Some(file) => (&*file).write_all(line),
+        None => Err(std::io::ErrorKind::NotConnected.into()),
+    }
+}
+
+/// Writes a whole line: stdout's LineWriter hands a line that ends in '\n' to one write.
+#[cfg(not(unix))]
+fn write_line(line: &[u8]) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(line).and_then(|()| stdout.flush())
 }
 
 /// The whole line for `record`, newline included.
