@@ -180,3 +180,41 @@ pub fn close_gracefully(tcp: &TcpStream, linger: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_have_the_options_whichever_way_they_got_them() {
+        let options = AcceptedOptions {
+            liveness: Liveness {
+                keepalive: Some(Duration::from_secs(15)),
+                user_timeout: Some(Duration::from_secs(45)),
+            },
+            write_timeout: Duration::from_secs(10),
+        };
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        options.set_on_listener(&listener);
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        options.set_on_accepted(&accepted);
+
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.tcp_nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(15)
+        );
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(45))
+        );
+        assert_eq!(
+            accepted.write_timeout().unwrap(),
+            Some(Duration::from_secs(10))
+        );
+    }
+}
