@@ -5,6 +5,7 @@
 
 use std::io::{self, Read};
 use std::net::TcpStream;
+use std::ops::Range;
 use std::time::Instant;
 
 /// Largest response head accepted.
@@ -15,21 +16,29 @@ const MAX_BODY: usize = 4096;
 /// Longest body line quoted in a log line, in characters.
 const MAX_LINE: usize = 200;
 
-/// A response head, its header values decoded lossily and trimmed.
+/// A response head, its header values decoded lossily and trimmed. Its text is kept in one
+/// string (every connect reads a head: two allocations, not two per header).
 #[derive(Debug)]
 pub(super) struct Head {
     pub(super) status: u16,
-    pub(super) reason: String,
-    headers: Vec<(String, String)>,
+    /// The reason phrase, then each header's name and value, end to end.
+    text: String,
+    reason: Range<usize>,
+    headers: Vec<(Range<usize>, Range<usize>)>,
 }
 
 impl Head {
+    /// The reason phrase of the status line.
+    pub(super) fn reason(&self) -> &str {
+        &self.text[self.reason.clone()]
+    }
+
     /// The values of header `name`, in order.
     pub(super) fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.headers
             .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+            .filter(move |(n, _)| self.text[n.clone()].eq_ignore_ascii_case(name))
+            .map(|(_, value)| &self.text[value.clone()])
     }
 
     /// The first value of header `name`.
@@ -40,7 +49,7 @@ impl Head {
     /// `403 Forbidden (Server: nginx/1.22.1): <first body line>`: the status line, the
     /// headers that tell who answered and where it sends the client, and the body's line.
     pub(super) fn summary(&self, body_line: Option<&str>) -> String {
-        let mut text = format!("{} {}", self.status, self.reason);
+        let mut text = format!("{} {}", self.status, self.reason());
         let notable: Vec<String> = ["Server", "Location"]
             .iter()
             .filter_map(|name| Some(format!("{name}: {}", self.get(name)?)))
@@ -126,17 +135,26 @@ pub(super) fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError>
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(error) => return Err(HeadError::Malformed(error)),
     };
+    let mut text = String::with_capacity(len);
+    let mut push = |part: &str| {
+        let start = text.len();
+        text.push_str(part);
+        start..text.len()
+    };
+    let reason = push(response.reason.unwrap_or_default());
+    let headers = response
+        .headers
+        .iter()
+        .map(|h| {
+            let name = push(h.name);
+            (name, push(&String::from_utf8_lossy(h.value.trim_ascii())))
+        })
+        .collect();
     let head = Head {
         status: response.code.unwrap_or_default(),
-        reason: response.reason.unwrap_or_default().to_owned(),
-        headers: response
-            .headers
-            .iter()
-            .map(|h| {
-                let value = String::from_utf8_lossy(h.value.trim_ascii()).into_owned();
-                (h.name.to_owned(), value)
-            })
-            .collect(),
+        text,
+        reason,
+        headers,
     };
     Ok(Some((head, len)))
 }
@@ -272,7 +290,7 @@ mod tests {
             "HTTP/1.1 403 Forbidden\r\nServer: nginx/1.22.1\r\nX-A:  1 \r\nx-a: 2\r\n\r\nbody";
         let (parsed, len) = parse_head(text.as_bytes()).unwrap().unwrap();
         assert_eq!(len, text.len() - 4);
-        assert_eq!((parsed.status, parsed.reason.as_str()), (403, "Forbidden"));
+        assert_eq!((parsed.status, parsed.reason()), (403, "Forbidden"));
         assert_eq!(parsed.all("X-A").collect::<Vec<_>>(), ["1", "2"]);
         assert!(parse_head(&text.as_bytes()[..20]).unwrap().is_none());
         assert!(matches!(
