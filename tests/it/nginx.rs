@@ -91,14 +91,7 @@ impl Nginx {
             let port = support::free_loopback_port();
             let conf = dir.join("nginx.conf");
             fs::write(&conf, config(&dir, port, cert, locations)).unwrap();
-            let child = Command::new(binary)
-                .arg("-p")
-                .arg(&dir)
-                .arg("-e")
-                .arg(dir.join("error.log"))
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
+            let child = command(binary, &dir, &conf)
                 .stdout(fs::File::create(dir.join("stdout.log")).unwrap())
                 .stderr(fs::File::create(dir.join("stderr.log")).unwrap())
                 .spawn()
@@ -169,34 +162,12 @@ impl Drop for Nginx {
     /// prints nginx's logs with its own output.
     #[allow(clippy::print_stderr)]
     fn drop(&mut self) {
-        let pid = self.child.id();
-        let workers =
-            fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        signal("TERM", &pid.to_string());
-        let deadline = Instant::now() + patience();
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10)); // polling interval
-        }
-        if self.child.try_wait().ok().flatten().is_none() {
-            for worker in workers.split_whitespace() {
-                signal("KILL", worker);
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        support::stop_daemon(&mut self.child);
         if thread::panicking() {
             eprintln!("nginx in {}:\n{}", self.dir.display(), self.logs());
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
-}
-
-fn signal(name: &str, pid: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid)
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// A whole nginx config: foreground master with one worker, every path under `dir`, TLS on
@@ -398,4 +369,18 @@ fn nginx_reencrypts_to_a_wss_backend_it_verifies() {
         "nginx did not log the failed verification:\n{logs}"
     );
     ping_through_and_shut_down(server, &nginx, &edge);
+}
+
+/// nginx in the foreground with every path under `dir` and the config `conf`, no input.
+pub(crate) fn command(binary: &Path, dir: &Path, conf: &Path) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(conf)
+        .stdin(Stdio::null());
+    command
 }

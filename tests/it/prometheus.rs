@@ -565,21 +565,7 @@ impl Drop for Daemon {
     /// it prints the logs and keeps them.
     #[allow(clippy::print_stderr)]
     fn drop(&mut self) {
-        let pid = self.child.id();
-        let children =
-            fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        signal("TERM", &pid.to_string());
-        let deadline = Instant::now() + patience();
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10)); // polling interval
-        }
-        if self.child.try_wait().ok().flatten().is_none() {
-            for child in children.split_whitespace() {
-                signal("KILL", child);
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        support::stop_daemon(&mut self.child);
         if thread::panicking() {
             eprintln!(
                 "{} in {} (kept) on {}:\n{}",
@@ -592,14 +578,6 @@ impl Drop for Daemon {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-fn signal(name: &str, pid: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid)
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// nginx as a plain-HTTP WebSocket reverse proxy whose idle cut is [`IDLE_CUT`]; stopped
@@ -620,15 +598,7 @@ impl Nginx {
             &["error.log", "access.log"],
             |port| {
                 fs::write(&conf, nginx_config(&dir, port, backend)).unwrap();
-                let mut command = Command::new(binary);
-                command
-                    .arg("-p")
-                    .arg(&dir)
-                    .arg("-e")
-                    .arg(dir.join("error.log"))
-                    .arg("-c")
-                    .arg(&conf);
-                command
+                crate::nginx::command(binary, &dir, &conf)
             },
             // The master writes its pid file after binding its listening socket.
             |daemon| {

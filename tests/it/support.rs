@@ -822,3 +822,31 @@ pub fn external_program(
     }
     panic!("{program} is not installed: {install}");
 }
+
+/// Stops a daemon started as `child` (nginx's master, Prometheus): SIGTERM, and if it is
+/// still there after [`patience`], SIGKILL to it and the children it had when asked to stop.
+pub fn stop_daemon(child: &mut Child) {
+    let pid = child.id();
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    kill(&pid.to_string(), "TERM");
+    let deadline = Instant::now() + patience();
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10)); // polling interval
+    }
+    if child.try_wait().ok().flatten().is_none() {
+        for other in children.split_whitespace() {
+            kill(other, "KILL");
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn kill(pid: &str, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid)
+        .stderr(Stdio::null())
+        .status();
+}

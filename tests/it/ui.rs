@@ -674,14 +674,7 @@ http {{
                 ),
             )
             .unwrap();
-            let child = Command::new(binary)
-                .arg("-p")
-                .arg(&dir)
-                .arg("-e")
-                .arg(dir.join("error.log"))
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
+            let child = crate::nginx::command(binary, &dir, &conf)
                 .stdout(Stdio::null())
                 .stderr(fs::File::create(dir.join("stderr.log")).unwrap())
                 .spawn()
@@ -734,8 +727,8 @@ http {{
 impl Drop for Nginx {
     #[allow(clippy::print_stderr)]
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Its worker too: a SIGKILL to the master alone would leave the worker running.
+        support::stop_daemon(&mut self.child);
         if thread::panicking() {
             eprintln!("nginx in {}:\n{}", self.dir.display(), self.error_log());
         } else {
