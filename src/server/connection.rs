@@ -120,12 +120,25 @@ impl Keepalive {
 /// limits were applied at accept; if not, they are applied here once the client's address
 /// is known (after the PROXY header, or from a trusted proxy's request).
 pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, context: &Context) {
-    // Two calls that are never inlined into one frame: the thread's stack pages, once
-    // touched, stay resident for the life of the connection, so the deepest point of either
-    // phase, not of both together, sets what an idle connection costs.
-    if let Some((stream, upgraded)) = open(id, tcp, peer, admission, context) {
-        serve(id, stream, upgraded, context);
-    }
+    // Three calls that are never inlined into one frame: the thread's stack pages, once
+    // touched, stay resident for the life of the connection, so the deepest point of any
+    // phase, not of all together, sets what an idle connection costs. Registering (and its
+    // connect log line) happens here for the same reason, above the echo loop's frame.
+    let Some((stream, upgraded)) = open(id, tcp, peer, admission, context) else {
+        return;
+    };
+    let Upgraded {
+        leftover,
+        hello,
+        client,
+        slot,
+    } = upgraded;
+    let mut registration = context.registry.register(id, client, stream.clone());
+    let ending = serve(stream, leftover, hello, registration.activity(), context);
+    registration.set_ending(ending);
+    // The address's place is given back after the connection has left the registry.
+    drop(registration);
+    drop(slot);
 }
 
 /// What a successful opening handshake leaves for the echo phase.
@@ -272,16 +285,15 @@ fn open(
     Some((stream, upgraded))
 }
 
-/// The echo phase of an upgraded connection, registered while it lasts.
+/// The echo phase of an upgraded connection: how it ended.
 #[inline(never)]
-fn serve(id: u64, stream: Arc<SharedStream>, upgraded: Upgraded, context: &Context) {
-    // `_slot` is held to the end, and dropped after the registration declared below it.
-    let Upgraded {
-        leftover,
-        hello,
-        client,
-        slot: _slot,
-    } = upgraded;
+fn serve(
+    stream: Arc<SharedStream>,
+    leftover: Vec<u8>,
+    hello: bool,
+    activity: &Activity,
+    context: &Context,
+) -> Ending {
     let tcp = stream.tcp();
     // The write timeout (a client that stops reading must not hold this thread forever) came
     // with the socket: see `net::AcceptedOptions`.
@@ -296,23 +308,16 @@ fn serve(id: u64, stream: Arc<SharedStream>, upgraded: Upgraded, context: &Conte
     }
 
     // The leftover goes through the stream, which follows the frames tungstenite is given.
-    let mut socket = WebSocket::from_raw_socket(
-        WsStream::with_budget(stream.clone(), context.budget.clone()).after(leftover),
-        Role::Server,
-        Some(context.ws_config),
-    );
-    // Declared after `slot`, so dropped before it: the address's place is given back
-    // after the connection has left the registry.
-    let mut registration = context.registry.register(id, client, stream.clone());
+    let ws_stream = WsStream::with_budget(stream.clone(), context.budget.clone()).after(leftover);
+    let mut socket = on_heap(ws_stream, context.ws_config);
     if hello {
         let hello = context.hello.as_str();
         if let Err(error) = socket.send(Message::text(hello)) {
-            registration.set_ending(Ending::from_ws_error(&error));
-            return;
+            return Ending::from_ws_error(&error);
         }
-        registration.activity().sent(hello.len());
+        activity.sent(hello.len());
     }
-    let ending = echo(socket, &stream, registration.activity(), context);
+    let ending = echo(socket, &stream, activity, context);
     if matches!(
         ending.reason,
         Reason::ProtocolError
@@ -330,12 +335,12 @@ fn serve(id: u64, stream: Arc<SharedStream>, upgraded: Upgraded, context: &Conte
     } else {
         stream.send_close_notify();
     }
-    registration.set_ending(ending);
+    ending
 }
 
 /// Echoes every data message back with its type until the connection ends.
 fn echo(
-    mut socket: WebSocket<WsStream>,
+    mut socket: Box<WebSocket<WsStream>>,
     stream: &SharedStream,
     activity: &Activity,
     context: &Context,
@@ -384,11 +389,7 @@ fn echo(
                     // tungstenite keeps its read and write buffers at the size of the
                     // largest frame they carried; a fresh one starts small. It holds no
                     // byte of the peer's and nothing unsent, so nothing is lost.
-                    socket = WebSocket::from_raw_socket(
-                        socket.into_inner(),
-                        Role::Server,
-                        Some(context.ws_config),
-                    );
+                    socket = renewed(socket, context.ws_config);
                 }
             }
             Ok(Message::Close(frame)) => {
@@ -463,6 +464,24 @@ fn echo(
             }
         }
     }
+}
+
+/// A fresh socket, with small buffers, over the stream of `socket`.
+#[cold]
+fn renewed(socket: Box<WebSocket<WsStream>>, config: WebSocketConfig) -> Box<WebSocket<WsStream>> {
+    on_heap(socket.into_inner(), config)
+}
+
+/// A server socket over `stream`, built on the heap in a frame of its own: moved between
+/// frames, the socket would be copied into each of them, and the echo loop's frame, which an
+/// idle connection keeps, would be as much deeper.
+#[inline(never)]
+fn on_heap(stream: WsStream, config: WebSocketConfig) -> Box<WebSocket<WsStream>> {
+    Box::new(WebSocket::from_raw_socket(
+        stream,
+        Role::Server,
+        Some(config),
+    ))
 }
 
 /// Ends the connection after a tungstenite error: a protocol or limit violation gets the

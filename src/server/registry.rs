@@ -66,6 +66,7 @@ impl Registry {
 
     /// Adds a connection and logs `Connected: CLIENT`; it stays until the guard drops.
     /// Called on the connection's own thread (its id goes into `/debug/connections`).
+    #[inline(never)]
     pub fn register(&self, id: u64, peer: ClientAddr, stream: Arc<SharedStream>) -> Registration {
         let connected_at = Instant::now();
         let activity = Arc::new(Activity::new());
