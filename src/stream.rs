@@ -22,9 +22,6 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::boundary::Boundaries;
 
-/// Ciphertext read from the socket per system call (a TLS record is at most ~16 KiB).
-const TLS_READ_CHUNK: usize = 4096;
-
 /// The shared half: the socket, and under its lock the write state and the TLS session.
 #[derive(Debug)]
 pub struct SharedStream {
@@ -40,9 +37,6 @@ struct Inner {
     done: bool,
     /// Boxed: a rustls session is over 1 KiB, which a plain connection should not carry.
     tls: Option<Box<rustls::Connection>>,
-    /// Ciphertext read from the socket that rustls could not take yet (its plaintext
-    /// buffer was full: a large message); empty, without an allocation, when idle.
-    pending: Vec<u8>,
 }
 
 impl SharedStream {
@@ -61,11 +55,7 @@ impl SharedStream {
         Arc::new(SharedStream {
             tcp,
             encrypted: tls.is_some(),
-            inner: Mutex::new(Inner {
-                done: false,
-                tls,
-                pending: Vec::new(),
-            }),
+            inner: Mutex::new(Inner { done: false, tls }),
         })
     }
 
@@ -118,12 +108,10 @@ impl SharedStream {
         loop {
             {
                 let mut inner = self.lock();
-                let Inner { tls, pending, .. } = &mut *inner;
-                let Some(tls) = tls.as_mut() else {
+                let Some(tls) = inner.tls.as_mut() else {
                     drop(inner);
                     return (&self.tcp).read(buf);
                 };
-                feed_tls(tls, pending, &self.tcp)?;
                 match tls.reader().read(buf) {
                     // No plaintext yet: wait for more ciphertext, without the lock.
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
@@ -135,26 +123,25 @@ impl SharedStream {
         }
     }
 
-    /// Reads one chunk of ciphertext from the socket (blocking, without the lock) and
+    /// Waits for ciphertext (blocking, without the lock), then has rustls read it from the
+    /// socket into its own buffer and
     /// hands it to rustls, which answers what needs answering (handshake, alerts).
     /// Returns the number of bytes read: 0 at EOF.
-    // Not inlined into `read`: its buffer would then sit in the frame of every plain
-    // connection's read too, one more stack page resident per thread.
-    #[inline(never)]
+    // Waiting in `peek` needs no buffer of our own: one on the stack (ciphertext comes in
+    // records of up to 16 KiB) would keep its pages resident in every idle wss thread, and
+    // rustls keeps a read buffer anyway. The read under the lock does not block: the bytes
+    // are there.
     fn receive_tls(&self) -> io::Result<usize> {
-        let mut raw = [0u8; TLS_READ_CHUNK];
-        let n = (&self.tcp).read(&mut raw)?;
+        let ready = self.tcp.peek(&mut [0u8; 1])?;
         let mut inner = self.lock();
-        let Inner { tls, pending, .. } = &mut *inner;
-        let tls = tls.as_mut().expect("a TLS stream");
-        if n == 0 {
+        let tls = inner.tls.as_mut().expect("a TLS stream");
+        let n = if ready == 0 {
             // An empty read tells rustls about the EOF.
-            tls.read_tls(&mut &[][..])?;
-            process_tls(tls, &self.tcp)?;
+            tls.read_tls(&mut &[][..])?
         } else {
-            pending.extend_from_slice(&raw[..n]);
-            feed_tls(tls, pending, &self.tcp)?;
-        }
+            tls.read_tls(&mut &self.tcp)?
+        };
+        process_tls(tls, &self.tcp)?;
         Ok(n)
     }
 
@@ -257,27 +244,6 @@ fn write_locked(inner: &mut Inner, tcp: &TcpStream, bytes: &[u8]) -> io::Result<
             Ok(())
         }
     }
-}
-
-/// Hands rustls the ciphertext in `pending`, as far as it takes it (it stops while its
-/// plaintext buffer is full), processing each part.
-fn feed_tls(
-    tls: &mut rustls::Connection,
-    pending: &mut Vec<u8>,
-    tcp: &TcpStream,
-) -> io::Result<()> {
-    let mut fed = 0;
-    while fed < pending.len() && tls.wants_read() {
-        fed += tls.read_tls(&mut &pending[fed..])?;
-        process_tls(tls, tcp)?;
-    }
-    if fed == pending.len() {
-        // Give the memory back: an idle connection holds no buffer here.
-        *pending = Vec::new();
-    } else {
-        pending.drain(..fed);
-    }
-    Ok(())
 }
 
 /// Processes what rustls has received and sends what it answers; a protocol failure sends

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -23,6 +23,12 @@ use crate::repeats::Repeats;
 /// Stack of a connection thread. The echo loop needs little stack, and a small one keeps
 /// thousands of threads cheap; the kernel maps only the pages a thread touches.
 pub const CONNECTION_STACK_SIZE: usize = 64 * 1024;
+/// Stack of the thread that runs a wss connection's TLS handshake, then hands the
+/// connection to a fresh `CONNECTION_STACK_SIZE` thread (see `connection::run`). Smaller on
+/// purpose: glibc keeps the stacks of ended threads, their touched pages still resident,
+/// for new threads asking no more than their size, so a fresh connection thread never
+/// inherits a handshake's deep pages.
+const TLS_HANDSHAKE_STACK_SIZE: usize = 60 * 1024;
 /// Backoff bounds after a failed `accept` (EMFILE and friends repeat until a socket closes).
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 /// Sockets waiting for their 503 (fewer under a small file limit: see `Capacity`); beyond
@@ -106,32 +112,26 @@ pub fn accept_loop(
         next_id += 1;
         let id = next_id;
         live_threads.fetch_add(1, Ordering::SeqCst);
-        let thread_guard = ThreadCount(live_threads.clone());
-        let (conn_context, alive) = (context.clone(), alive.clone());
-        // The socket goes in through a channel so that it can be taken back if the spawn fails.
-        let (hand_over, take) = crossbeam_channel::bounded(1);
-        hand_over.send(tcp).expect("the channel has room");
-        let take_back = take.clone();
-        let spawned = thread::Builder::new()
-            .name(format!("conn-{id}"))
-            .stack_size(CONNECTION_STACK_SIZE)
-            .spawn(move || {
-                let (_alive, _counted) = (alive, thread_guard);
-                let taken = take.try_recv();
-                // The channel (about 600 bytes) goes now, not when the connection ends.
-                drop(take);
-                if let Ok(tcp) = taken {
-                    connection::run(id, tcp, peer, admission, &conn_context);
-                }
-            });
-        if let Err(error) = spawned {
+        let lease = Lease {
+            _alive: alive.clone(),
+            _counted: ThreadCount(live_threads.clone()),
+        };
+        let conn_context = context.clone();
+        let stack_size = match context.tls {
+            Some(_) => TLS_HANDSHAKE_STACK_SIZE,
+            None => CONNECTION_STACK_SIZE,
+        };
+        let spawned = spawn_connection_thread(id, stack_size, (tcp, lease), move |(tcp, lease)| {
+            connection::run(id, tcp, peer, admission, lease, &conn_context);
+        });
+        if let Err((error, payload)) = spawned {
             if let Some(more) = spawn_failures.occurred(FAILURE_LOG_EVERY) {
                 warn!(
                     "Cannot start a thread for {peer}: {error}; answering 503{}",
                     since(more)
                 );
             }
-            if let Ok(tcp) = take_back.try_recv() {
+            if let Some((tcp, _lease)) = payload {
                 let refused = Refused {
                     tcp,
                     peer,
@@ -157,6 +157,44 @@ fn since(more: u64) -> String {
         0 => String::new(),
         more => format!(" ({more} more since the last such line)"),
     }
+}
+
+/// Starts the thread `conn-ID` with a stack of `stack_size` bytes, running `work(payload)`.
+/// If the OS refuses the thread, the error comes back with the payload (a socket to answer
+/// 503, say).
+#[allow(clippy::type_complexity)]
+pub(super) fn spawn_connection_thread<T: Send + 'static>(
+    id: u64,
+    stack_size: usize,
+    payload: T,
+    work: impl FnOnce(T) + Send + 'static,
+) -> Result<(), (std::io::Error, Option<T>)> {
+    // The payload goes in through a shared slot so that it can be taken back if the spawn
+    // fails (a closure that was never run is dropped with whatever it captured).
+    let slot = Arc::new(Mutex::new(Some(payload)));
+    let taken_slot = Arc::clone(&slot);
+    let spawned = thread::Builder::new()
+        .name(format!("conn-{id}"))
+        .stack_size(stack_size)
+        .spawn(move || {
+            if let Some(payload) = take(&taken_slot) {
+                drop(taken_slot);
+                work(payload);
+            }
+        });
+    spawned.map(drop).map_err(|error| (error, take(&slot)))
+}
+
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner).take()
+}
+
+/// What a connection thread holds while it lives, and hands on with the connection if it
+/// passes it to another thread: its place in the live-thread count, and a clone of the
+/// channel whose disconnection tells shutdown that every connection thread has finished.
+pub struct Lease {
+    _alive: Sender<()>,
+    _counted: ThreadCount,
 }
 
 /// Counts a live connection thread until dropped.

@@ -9,6 +9,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
+use super::acceptor::{spawn_connection_thread, Lease, CONNECTION_STACK_SIZE};
 use super::access::{Access, Admission, ClientAddr, Refusal};
 use super::handshake::{self, Answer, Handshake};
 use super::proxy_protocol;
@@ -118,21 +119,62 @@ impl Keepalive {
 
 /// Serves one accepted socket until it closes. `admission` says whether the per-address
 /// limits were applied at accept; if not, they are applied here once the client's address
-/// is known (after the PROXY header, or from a trusted proxy's request).
-pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, context: &Context) {
-    // Three calls that are never inlined into one frame: the thread's stack pages, once
-    // touched, stay resident for the life of the connection, so the deepest point of any
-    // phase, not of all together, sets what an idle connection costs. Registering (and its
-    // connect log line) happens here for the same reason, above the echo loop's frame.
-    let Some((stream, upgraded)) = open(id, tcp, peer, admission, context) else {
+/// is known (after the PROXY header, or from a trusted proxy's request). `lease` is held
+/// as long as a thread serves the connection.
+pub fn run(
+    id: u64,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admission: Admission,
+    lease: Lease,
+    context: &Arc<Context>,
+) {
+    // Calls that are never inlined into one frame: the thread's stack pages, once touched,
+    // stay resident for the life of the connection, so the deepest point of any phase, not
+    // of all together, sets what an idle connection costs.
+    let Some(upgraded) = open(id, tcp, peer, admission, context) else {
         return;
     };
+    if upgraded.stream.is_tls() {
+        hand_over(id, upgraded, lease, context);
+    } else {
+        established(id, upgraded, context);
+    }
+}
+
+/// Serves the rest of a wss connection on a fresh thread of the same name, and lets this
+/// one end: the TLS handshake runs deepest of all (rustls's and ring's signing frames pass
+/// 4 KiB), three more stack pages that an idle connection would keep for its life. If the
+/// OS refuses the thread, the connection stays here.
+#[inline(never)]
+fn hand_over(id: u64, upgraded: Box<Upgraded>, lease: Lease, context: &Arc<Context>) {
+    let fresh = Arc::clone(context);
+    let handed = spawn_connection_thread(
+        id,
+        CONNECTION_STACK_SIZE,
+        (upgraded, lease),
+        move |(upgraded, _lease)| {
+            established(id, upgraded, &fresh);
+        },
+    );
+    if let Err((error, Some((upgraded, _lease)))) = handed {
+        debug!("conn-{id} stays on the thread of its TLS handshake: {error}");
+        established(id, upgraded, context);
+    }
+}
+
+/// Registers an upgraded connection, echoes until it ends, and records how. Registering
+/// (with its connect log line) happens here, above the echo loop's frame, not in it.
+// Boxed on purpose (see `Upgraded`): moved from frame to frame, a pointer is all that is copied.
+#[allow(clippy::boxed_local)]
+fn established(id: u64, upgraded: Box<Upgraded>, context: &Context) {
     let Upgraded {
+        stream,
         leftover,
         hello,
         client,
         slot,
-    } = upgraded;
+    } = *upgraded;
     let mut registration = context.registry.register(id, client, stream.clone());
     let ending = serve(stream, leftover, hello, registration.activity(), context);
     registration.set_ending(ending);
@@ -141,8 +183,10 @@ pub fn run(id: u64, tcp: TcpStream, peer: SocketAddr, admission: Admission, cont
     drop(slot);
 }
 
-/// What a successful opening handshake leaves for the echo phase.
+/// What a successful opening handshake leaves for the echo phase. Boxed, so that moving it
+/// from frame to frame (or to another thread) copies a pointer.
 struct Upgraded {
+    stream: Arc<SharedStream>,
     /// Bytes that came after the upgrade request.
     leftover: Vec<u8>,
     /// Send the server's name first (`?hello` or `--hello`).
@@ -161,7 +205,7 @@ fn open(
     peer: SocketAddr,
     admission: Admission,
     context: &Context,
-) -> Option<(Arc<SharedStream>, Upgraded)> {
+) -> Option<Box<Upgraded>> {
     context.accepted.set_on_accepted(&tcp);
     let stream = match &context.tls {
         Some(tls) => match tls.wrap(tcp) {
@@ -277,12 +321,13 @@ fn open(
     };
     drop(handshaking);
     let upgraded = Upgraded {
+        stream,
         leftover,
         hello,
         client,
         slot,
     };
-    Some((stream, upgraded))
+    Some(Box::new(upgraded))
 }
 
 /// The echo phase of an upgraded connection: how it ended.

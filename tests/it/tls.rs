@@ -399,3 +399,32 @@ fn tls_failures_and_insecure_connections_are_said_plainly_in_the_log() {
     let warning = insecure.wait_for("certificate was not verified", patience());
     assert!(warning.contains(" WARN "), "{warning}");
 }
+
+#[test]
+fn a_wss_connection_is_served_after_its_handshake_by_the_thread_the_debug_page_names() {
+    // The TLS handshake runs on one thread, the echo on a fresh one (see
+    // `connection::hand_over`): the page must name the thread that serves it now.
+    let pki = Pki::new("handover");
+    let pair = pki.issue("server", &SERVER_NAMES, Use::Server);
+    let server = wss_server(&pki, &pair, &["--server-ping-interval", "50ms"]);
+    let mut ws = wss_connect(&server, &pki, None).unwrap();
+    server.wait_settled(1);
+    echo(&mut ws, "after the handshake");
+    let (status, response) = support::http_get(server.metrics, "/debug/connections");
+    assert_eq!(status, 200, "{response}");
+    let tid: u32 = response
+        .split("\"tid\": ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no tid in {response}"));
+    let name = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .unwrap_or_else(|error| panic!("thread {tid}: {error}"));
+    assert_eq!(name.trim(), "conn-1", "{response}");
+    // The server's pings still reach the client, answered by the new thread's reads.
+    ws.get_ref()
+        .sock
+        .set_read_timeout(Some(patience()))
+        .unwrap();
+    while !matches!(ws.read().expect("a ping from the server"), Message::Ping(_)) {}
+    echo(&mut ws, "and after a ping");
+}
