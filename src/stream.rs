@@ -9,9 +9,10 @@
 //! after a Close frame, and tungstenite, which did not see ours, would answer the peer's.
 //!
 //! With TLS the same lock guards the rustls connection: the owner waits for ciphertext in
-//! `read` on the socket *without* the lock, then takes it briefly to decrypt; a writer on
-//! any thread encrypts and sends under it. So another thread can still send a Close to an
-//! idle wss connection whose owner sleeps in `read`, and an idle connection stays idle.
+//! `peek` on the socket *without* the lock, then takes it briefly to read and decrypt what
+//! arrived; a writer on any thread encrypts and sends under it. So another thread can still
+//! send a Close to an idle wss connection whose owner sleeps in `peek`, and an idle
+//! connection stays idle.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
