@@ -180,9 +180,14 @@ impl Capacity {
 
 impl fmt::Display for Capacity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let noun = if self.ceiling == 1 {
+            "connection"
+        } else {
+            "connections"
+        };
         write!(
             f,
-            "{} connections, limited by {} (",
+            "{} {noun}, limited by {} (",
             self.ceiling, self.limited_by
         )?;
         for (i, budget) in self.budgets.iter().enumerate() {
@@ -260,6 +265,11 @@ mod tests {
         );
         assert_eq!(capacity.to_string(), "16000 connections, limited by vm.max_map_count (RLIMIT_NOFILE: 19900, vm.max_map_count: 16000)");
         assert_eq!(Capacity::from_budgets(vec![]).ceiling, usize::MAX);
+        let one = Capacity::from_budgets(vec![Budget::new("RLIMIT_NOFILE", 8, 1)]);
+        assert_eq!(
+            one.to_string(),
+            "1 connection, limited by RLIMIT_NOFILE (RLIMIT_NOFILE: 1)"
+        );
     }
 
     #[test]
