@@ -124,24 +124,18 @@ impl SharedStream {
         }
     }
 
-    /// Waits for ciphertext (blocking, without the lock), then has rustls read it from the
-    /// socket into its own buffer and
-    /// hands it to rustls, which answers what needs answering (handshake, alerts).
-    /// Returns the number of bytes read: 0 at EOF.
+    /// Waits for ciphertext (blocking, without the lock), then lets rustls read it from the
+    /// socket into its own buffer and answer what needs answering (handshake, alerts).
+    /// Returns the number of bytes read: 0 at EOF, which rustls sees too.
     // Waiting in `peek` needs no buffer of our own: one on the stack (ciphertext comes in
     // records of up to 16 KiB) would keep its pages resident in every idle wss thread, and
-    // rustls keeps a read buffer anyway. The read under the lock does not block: the bytes
-    // are there.
+    // rustls keeps a read buffer anyway. The read under the lock does not block: the bytes,
+    // or the EOF, are there.
     fn receive_tls(&self) -> io::Result<usize> {
-        let ready = self.tcp.peek(&mut [0u8; 1])?;
+        self.tcp.peek(&mut [0u8; 1])?;
         let mut inner = self.lock();
         let tls = inner.tls.as_mut().expect("a TLS stream");
-        let n = if ready == 0 {
-            // An empty read tells rustls about the EOF.
-            tls.read_tls(&mut &[][..])?
-        } else {
-            tls.read_tls(&mut &self.tcp)?
-        };
+        let n = tls.read_tls(&mut &self.tcp)?;
         process_tls(tls, &self.tcp)?;
         Ok(n)
     }

@@ -162,7 +162,6 @@ fn since(more: u64) -> String {
 /// Starts the thread `conn-ID` with a stack of `stack_size` bytes, running `work(payload)`.
 /// If the OS refuses the thread, the error comes back with the payload (a socket to answer
 /// 503, say).
-#[allow(clippy::type_complexity)]
 pub(super) fn spawn_connection_thread<T: Send + 'static>(
     id: u64,
     stack_size: usize,

@@ -165,8 +165,7 @@ fn hand_over(id: u64, upgraded: Box<Upgraded>, lease: Lease, context: &Arc<Conte
 
 /// Registers an upgraded connection, echoes until it ends, and records how. Registering
 /// (with its connect log line) happens here, above the echo loop's frame, not in it.
-// Boxed on purpose (see `Upgraded`): moved from frame to frame, a pointer is all that is copied.
-#[allow(clippy::boxed_local)]
+#[allow(clippy::boxed_local)] // boxed on purpose: see `Upgraded`
 fn established(id: u64, upgraded: Box<Upgraded>, context: &Context) {
     let Upgraded {
         stream,
