@@ -15,6 +15,7 @@ mod client;
 mod client_handshake;
 mod client_process;
 mod faults;
+mod footprint;
 mod harness;
 mod hostile;
 mod limits;

@@ -524,7 +524,9 @@ impl Server {
         let mut args = vec!["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"];
         args.extend_from_slice(extra);
         let proc = Proc::start_with_env("server", &args, env);
-        let addr = address_after(&proc.wait_for("Listening on ws://", patience()), "ws://");
+        // `wss://` under --tls-cert.
+        let listening = proc.wait_for("Listening on ", patience());
+        let addr = address_after(&listening, "://");
         let metrics = address_after(&proc.wait_for("Metrics on http://", patience()), "http://");
         Server {
             proc,
